@@ -1,0 +1,1 @@
+"""lookalike's core library: pure functions and classes, no Ray, no argparse, no side effects on import."""
