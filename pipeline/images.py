@@ -63,6 +63,17 @@ def _sniff_unsupported(data: bytes) -> str | None:
     return None
 
 
+def _os_error(exc: OSError, where: str) -> ImageDecodeError:
+    """Maps PIL's OSErrors (its way of reporting bad data) to a decode reason."""
+    message = str(exc)
+    lowered = message.lower()
+    if "truncated" in lowered or "broken data stream" in lowered or "premature end" in lowered:
+        return ImageDecodeError("truncated", f"{where}: {message}")
+    if "decoder" in lowered and "not available" in lowered:
+        return ImageDecodeError("unsupported format", f"{where}: {message}")
+    return ImageDecodeError("corrupt", f"{where}: {message}")
+
+
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Converts any PIL mode to 8-bit RGB, compositing alpha onto ``background``."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -125,7 +136,9 @@ def decode_image(
         raise ImageDecodeError("too large", str(exc)) from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image", f"unrecognised content ({len(data)} bytes)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except OSError as exc:
+        raise _os_error(exc, "header") from None
+    except (SyntaxError, ValueError) as exc:
         # Headers that identify a format but then fail to parse.
         raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
 
@@ -151,12 +164,7 @@ def decode_image(
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("too large", str(exc)) from None
     except OSError as exc:
-        message = str(exc)
-        if "truncated" in message or "broken data stream" in message or "premature end" in message.lower():
-            raise ImageDecodeError("truncated", f"{img.format}: {message}") from None
-        if "decoder" in message and "not available" in message:
-            raise ImageDecodeError("unsupported format", f"{img.format}: {message}") from None
-        raise ImageDecodeError("corrupt", f"{img.format}: {message}") from None
+        raise _os_error(exc, img.format or "image") from None
     except (SyntaxError, ValueError, IndexError, EOFError) as exc:
         raise ImageDecodeError("corrupt", f"{img.format}: {type(exc).__name__}: {exc}") from None
 

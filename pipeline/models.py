@@ -90,7 +90,7 @@ class ModelSpec:
             )
         library, rest = spec.split(":", 1)
         body, _, weights = rest.partition("@")
-        name, _, tag = body.partition("/") if library == "open_clip" else (body, "", "")
+        name, _, tag = body.partition("/")
         return cls(library=library.strip(), name=name.strip(), tag=tag.strip() or None,
                    weights=weights.strip() if "@" in rest else "default")
 
