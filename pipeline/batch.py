@@ -1,0 +1,323 @@
+"""The stages of the embedding job as plain callables over ``dict[str, np.ndarray]`` batches.
+
+Ray Data maps them (``jobs/embed.py``); tests call them directly. Each stage adds its busy
+seconds per row to a ``*_s`` column so the job can report throughput per stage.
+
+    ReadShards  shard descriptions -> id, uri, label, data (bytes), read_error
+    DecodeImages                   -> id, uri, label, image_<name> (uint8, per model input);
+                                      failures are written as error parts and dropped
+    ClassifyImages / EmbedImages / ClassifyAndEmbed
+                                   -> classes, class_probs, embedding
+    WriteParts                     -> one parquet part per batch; returns (part, rows, seconds)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode_image, resize_image
+from pipeline.sources import Shard, read_shard, uri_id
+
+logger = logging.getLogger(__name__)
+
+#: Version of the embedding and error row schemas (DESIGN.md §4).
+SCHEMA_VERSION = 1
+
+ERROR_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("stage", pa.string()),
+                          ("error_type", pa.string()), ("message", pa.string())])
+
+
+def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """The schema of embedding rows (DESIGN.md §4)."""
+    value_type = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
+    return pa.schema([
+        ("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
+        ("classes", pa.list_(pa.int32())), ("class_probs", pa.list_(pa.float32())),
+        ("embedding", pa.list_(value_type, dim)),
+    ])
+
+
+def write_table_atomically(table: pa.Table, path: Path) -> None:
+    """Writes a parquet file via a temporary name and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def part_name(ids: np.ndarray) -> str:
+    """A part's file name from the ids it holds: a retried batch overwrites itself, never duplicates."""
+    digest = hashlib.blake2b(np.sort(np.asarray(ids, dtype=np.int64)).tobytes(), digest_size=10).hexdigest()
+    return f"part-{digest}.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class ReadShards:
+    """Lists and reads the images of each shard; skips ids already done (resume).
+
+    Args:
+        done_ids: sorted int64 ids present in earlier outputs.
+    """
+
+    def __init__(self, done_ids: np.ndarray | None = None) -> None:
+        self.done_ids = np.sort(np.asarray(done_ids if done_ids is not None else [], dtype=np.int64))
+
+    def _done(self, item_id: int) -> bool:
+        i = np.searchsorted(self.done_ids, item_id)
+        return bool(i < len(self.done_ids) and self.done_ids[i] == item_id)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        ids, uris, labels, datas, errors = [], [], [], [], []
+        for shard_json in batch["shard"]:
+            shard = Shard(**json.loads(shard_json))
+            for item in read_shard(shard):
+                item_id = uri_id(item.uri)
+                if self._done(item_id):
+                    continue
+                ids.append(item_id)
+                uris.append(item.uri)
+                # "" rather than None: Ray turns an all-None column into NaNs.
+                labels.append(item.label or "")
+                datas.append(item.data if item.data is not None else b"")
+                errors.append(item.error or "")
+        n = len(ids)
+        seconds = (time.perf_counter() - start) / max(n, 1)
+        return {
+            "id": np.array(ids, dtype=np.int64), "uri": np.array(uris, dtype=object),
+            "label": np.array(labels, dtype=object), "data": np.array(datas, dtype=object),
+            "read_error": np.array(errors, dtype=object), "read_s": np.full(n, seconds, dtype=np.float32),
+        }
+
+
+def shard_to_row(shard: Shard) -> dict[str, str]:
+    """The row that carries a shard into :class:`ReadShards`."""
+    payload = asdict(shard)
+    payload["members"] = list(shard.members)
+    return {"shard": json.dumps(payload)}
+
+
+class DecodeImages:
+    """Decodes each image once and resizes it to every model's input.
+
+    Failures (unreadable, undecodable) are written to ``errors_dir`` as one parquet part per batch
+    and dropped from the output, so every input ends up in exactly one of the two outputs.
+
+    Args:
+        inputs: model input name -> its preprocessing (e.g. ``{"cls": ..., "emb": ...}``); names
+            that share a preprocessing share one resized array.
+        errors_dir: where error parts go.
+        max_pixels: decode guard (see :func:`pipeline.images.decode_image`).
+    """
+
+    def __init__(self, inputs: dict[str, Preprocess], errors_dir: str | Path,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if not inputs:
+            raise ValueError("DecodeImages needs at least one model input")
+        self.inputs = inputs
+        self.errors_dir = Path(errors_dir)
+        self.max_pixels = max_pixels
+        self.draft_size = max(p.draft_size for p in inputs.values())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        keep: list[int] = []
+        resized: dict[str, list[np.ndarray]] = {name: [] for name in self.inputs}
+        failures: list[tuple[int, str, str, str, str]] = []
+        for i, (item_id, uri, data, read_error) in enumerate(
+                zip(batch["id"], batch["uri"], batch["data"], batch["read_error"])):
+            if read_error:
+                failures.append((int(item_id), str(uri), "read", "unreadable", str(read_error)))
+                continue
+            try:
+                image = decode_image(bytes(data), max_pixels=self.max_pixels, draft_size=self.draft_size)
+            except ImageDecodeError as exc:
+                failures.append((int(item_id), str(uri), "decode", exc.reason, str(exc)))
+                continue
+            cache: dict[Preprocess, np.ndarray] = {}
+            for name, pre in self.inputs.items():
+                if pre not in cache:
+                    cache[pre] = resize_image(image, pre)
+                resized[name].append(cache[pre])
+            keep.append(i)
+        if failures:
+            columns = list(zip(*failures))
+            table = pa.table({name: pa.array(col, type=field.type)
+                              for (name, field), col in zip(((f.name, f) for f in ERROR_SCHEMA), columns)})
+            write_table_atomically(table, self.errors_dir / part_name(np.array(columns[0])))
+        if not keep:
+            return {}  # an empty block (a 0-row tensor column would not convert to Arrow)
+        idx = np.array(keep, dtype=np.int64)
+        seconds = (time.perf_counter() - start) / max(len(batch["id"]), 1)
+        out = {"id": batch["id"][idx], "uri": batch["uri"][idx], "label": batch["label"][idx],
+               "read_s": batch["read_s"][idx], "decode_s": np.full(len(idx), seconds, dtype=np.float32)}
+        for name in self.inputs:
+            out[f"image_{name}"] = np.stack(resized[name])
+        return out
+
+
+def _strip_images(batch: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in batch.items() if k not in names}
+
+
+def _add_seconds(out: dict[str, np.ndarray], start: float, n: int) -> None:
+    spent = np.float32((time.perf_counter() - start) / max(n, 1))
+    out["model_s"] = out["model_s"] + spent if "model_s" in out else np.full(n, spent, np.float32)
+
+
+class ClassifyImages:
+    """Adds ``classes`` and ``class_probs`` (top-n) from ``image_cls``.
+
+    Args:
+        classifier: classifier model spec.
+        top_n: classes kept per image.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        precision: see :func:`pipeline.models.select_runtime`.
+    """
+
+    def __init__(self, classifier: str, top_n: int = 5, device: str = "auto", precision: str = "auto") -> None:
+        from pipeline.models import load_classifier, select_runtime
+
+        self.classifier = load_classifier(classifier, select_runtime(device, precision))
+        self.top_n = top_n
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch.get("id", ())):
+            return {}
+        start = time.perf_counter()
+        indices, values = self.classifier.classify(batch["image_cls"], self.top_n)
+        out = _strip_images(batch, ("image_cls",))
+        out["classes"], out["class_probs"] = indices, values
+        _add_seconds(out, start, len(indices))
+        return out
+
+
+class EmbedImages:
+    """Adds ``embedding`` (L2-normalised) from ``image_emb``.
+
+    Args:
+        embedder: embedder model spec.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        precision: see :func:`pipeline.models.select_runtime`.
+        embedding_dtype: ``float32`` or ``float16`` in the output.
+    """
+
+    def __init__(self, embedder: str, device: str = "auto", precision: str = "auto",
+                 embedding_dtype: str = "float32") -> None:
+        from pipeline.models import load_embedder, select_runtime
+
+        self.embedder = load_embedder(embedder, select_runtime(device, precision))
+        self.embedding_dtype = np.dtype(embedding_dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch.get("id", ())):
+            return {}
+        start = time.perf_counter()
+        embedding = self.embedder.embed_images(batch["image_emb"])
+        out = _strip_images(batch, ("image_emb",))
+        out["embedding"] = embedding.astype(self.embedding_dtype)
+        _add_seconds(out, start, len(embedding))
+        return out
+
+
+class ClassifyAndEmbed:
+    """Classifies and embeds a batch in one actor (one copy of the images per device).
+
+    When the classifier and the embedder are the same timm model, one forward pass gives both the
+    logits and the pooled features (half the compute of two passes).
+
+    Args:
+        classifier: classifier model spec.
+        embedder: embedder model spec.
+        top_n: classes kept per image.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        precision: see :func:`pipeline.models.select_runtime`.
+        embedding_dtype: ``float32`` or ``float16`` in the output.
+    """
+
+    def __init__(self, classifier: str, embedder: str, top_n: int = 5, device: str = "auto",
+                 precision: str = "auto", embedding_dtype: str = "float32") -> None:
+        from pipeline.models import as_spec
+
+        self.shared = classifier == embedder and as_spec(classifier).library == "timm"
+        self.classify = ClassifyImages(classifier, top_n, device, precision)
+        self.embed = None if self.shared else EmbedImages(embedder, device, precision, embedding_dtype)
+        self.top_n = top_n
+        self.embedding_dtype = np.dtype(embedding_dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch.get("id", ())):
+            return {}
+        if not self.shared:
+            return self.embed(self.classify(batch))
+        import torch
+
+        from pipeline.models import to_model_input
+
+        start = time.perf_counter()
+        clf = self.classify.classifier
+        with clf.runtime.inference():
+            x = to_model_input(batch["image_cls"], clf.preprocess, clf.runtime)
+            pooled = clf.model.forward_head(clf.model.forward_features(x), pre_logits=True)
+            probs = clf.model.get_classifier()(pooled).float().softmax(-1)
+            values, indices = probs.topk(min(self.top_n, len(clf.labels)), dim=-1)
+            embedding = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+        out = _strip_images(batch, ("image_cls", "image_emb"))
+        out["classes"] = indices.cpu().numpy().astype(np.int32)
+        out["class_probs"] = values.cpu().numpy().astype(np.float32)
+        out["embedding"] = embedding.astype(self.embedding_dtype)
+        _add_seconds(out, start, len(embedding))
+        return out
+
+
+class WriteParts:
+    """Writes each batch as one parquet part (atomically) and returns a one-row summary of it.
+
+    Args:
+        out_dir: the embeddings folder.
+        dim: embedding dimension.
+        embedding_dtype: ``float32`` or ``float16``.
+    """
+
+    def __init__(self, out_dir: str | Path, dim: int, embedding_dtype: str = "float32") -> None:
+        self.out_dir = Path(out_dir)
+        self.schema = embedding_schema(dim, embedding_dtype)
+        self.dim = dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch.get("id", ()))
+        if n == 0:
+            return {}
+        start = time.perf_counter()
+        embedding = np.ascontiguousarray(batch["embedding"]).reshape(-1)
+        value_type = self.schema.field("embedding").type.value_type
+        table = pa.table({
+            "id": pa.array(batch["id"], pa.int64()),
+            "uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
+            "label": pa.array([str(v) if isinstance(v, str) and v else None for v in batch["label"]], pa.string()),
+            "classes": pa.array(list(np.asarray(batch["classes"], np.int32)), pa.list_(pa.int32())),
+            "class_probs": pa.array(list(np.asarray(batch["class_probs"], np.float32)), pa.list_(pa.float32())),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embedding, value_type), self.dim),
+        }, schema=self.schema)
+        name = part_name(batch["id"])
+        write_table_atomically(table, self.out_dir / name)
+        worker = str(batch["worker"][0]) if "worker" in batch else "-"
+        return {"part": np.array([name], dtype=object), "rows": np.array([n], dtype=np.int64),
+                "worker": np.array([worker], dtype=object),
+                "read_s": np.array([float(np.sum(batch["read_s"]))]),
+                "decode_s": np.array([float(np.sum(batch["decode_s"]))]),
+                "model_s": np.array([float(np.sum(batch["model_s"]))]),
+                "write_s": np.array([time.perf_counter() - start])}

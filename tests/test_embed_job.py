@@ -1,0 +1,134 @@
+"""The embedding job end to end on one module-scoped local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders, write_jpeg
+
+from jobs.embed import EmbedConfig, main, parse_args, run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def config(inputs: list[Path], output: Path, **kwargs) -> EmbedConfig:
+    defaults = dict(classifier=TINY_CLASSIFIER, embedder=TINY_CLIP_SPEC, batch_size=4, decode_batch_size=4,
+                    files_per_shard=4, top_n=3)
+    defaults.update(kwargs)
+    return EmbedConfig(inputs=tuple(str(p) for p in inputs), output=str(output), **defaults)
+
+
+def read_rows(out: Path) -> dict[int, dict]:
+    rows = {}
+    for part in sorted((out / "embeddings").glob("part-*.parquet")):
+        for row in pq.read_table(part).to_pylist():
+            assert row["id"] not in rows, "duplicate id"
+            rows[row["id"]] = row
+    return rows
+
+
+def error_rows(out: Path) -> list[dict]:
+    return [r for p in sorted((out / "errors").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def test_folder_with_corrupt_files_accounts_for_every_file(tmp_path: Path) -> None:
+    made = make_class_folders(tmp_path / "data", classes=3, per_class=5, bad=4)
+    summary = run(config([tmp_path / "data"], tmp_path / "out"))
+    rows, errors = read_rows(tmp_path / "out"), error_rows(tmp_path / "out")
+    assert len(rows) == 15 and len(errors) == 4
+    assert sorted(Path(e["uri"]).name for e in errors) == sorted(p.name for p in made["bad"])
+    assert {Path(r["uri"]).name for r in rows.values()} == {p.name for p in made["good"]}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["seen"] == 19 and manifest["counts"]["embedded"] == 15
+    assert sum(manifest["counts"]["failed_by_type"].values()) == 4
+    assert manifest["models"]["embedder"]["dim"] == 32
+    assert manifest["models"]["classifier"]["label_space"] == "imagenet-1k"
+    assert sum(p["rows"] for p in manifest["parts"]) == 15 and all(len(p["sha256"]) == 64 for p in manifest["parts"])
+    assert summary["counts"] == manifest["counts"] and summary["images_per_s"] > 0
+    assert set(summary["per_worker_images_per_s"]) == {"read", "decode", "model", "write"}
+    assert (tmp_path / "out" / "summary.json").exists() and (tmp_path / "out" / "config.json").exists()
+
+
+def test_tar_and_parquet_inputs_with_limit(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(5)
+    jpegs = [write_jpeg(tmp_path / "src" / f"{i}.jpg", rng).read_bytes() for i in range(6)]
+    with tarfile.open(tmp_path / "n01440764.tar", "w") as tar:
+        for i, data in enumerate(jpegs):
+            info = tarfile.TarInfo(f"n01440764_{i}.JPEG")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"image": jpegs, "label": ["x"] * 6}), tmp_path / "table.parquet")
+    run(config([tmp_path / "n01440764.tar", tmp_path / "table.parquet"], tmp_path / "out"))
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 12
+    assert sorted({r["label"] for r in rows.values()}) == ["n01440764", "x"]
+    # --limit processes at most N images.
+    run(config([tmp_path / "n01440764.tar"], tmp_path / "limited", limit=4))
+    assert len(read_rows(tmp_path / "limited")) == 4
+
+
+def test_resume_after_interruption_gives_identical_rows(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "data", classes=2, per_class=8, bad=2)
+    run(config([tmp_path / "data"], tmp_path / "full"))
+    reference = read_rows(tmp_path / "full")
+
+    out = tmp_path / "resumed"
+    run(config([tmp_path / "data"], out))
+    # Simulate a kill: half the parts, the manifest and one error part never got written, and a
+    # half-written temporary file lies around.
+    parts = sorted((out / "embeddings").glob("part-*.parquet"))
+    for part in parts[::2]:
+        part.unlink()
+    for part in (out / "errors").glob("part-*.parquet"):
+        part.unlink()
+    (out / "manifest.json").unlink()
+    (out / "embeddings" / ".tmp-deadbeef-part-x.parquet").write_bytes(b"PAR1 half")
+    kept = {p: p.stat().st_mtime_ns for p in parts[1::2]}
+    summary = run(config([tmp_path / "data"], out))
+    resumed = read_rows(out)
+    assert set(resumed) == set(reference)
+    assert summary["embedded_this_run"] == len(reference) - sum(
+        pq.ParquetFile(p).metadata.num_rows for p in kept)
+    for key, row in reference.items():
+        assert resumed[key]["uri"] == row["uri"] and resumed[key]["classes"] == row["classes"]
+        np.testing.assert_allclose(resumed[key]["embedding"], row["embedding"], atol=1e-5)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "completed parts were redone"
+    assert not list((out / "embeddings").glob(".tmp-*"))
+    assert json.loads((out / "manifest.json").read_text())["counts"]["failed"] == 2
+    # Running once more does nothing.
+    assert run(config([tmp_path / "data"], out))["embedded_this_run"] == 0
+
+
+def test_output_of_other_models_is_refused(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "data", classes=1, per_class=2)
+    run(config([tmp_path / "data"], tmp_path / "out"))
+    with pytest.raises(ValueError, match="other settings"):
+        run(config([tmp_path / "data"], tmp_path / "out", embedder=TINY_CLASSIFIER))
+
+
+def test_cli_main_and_errors(tmp_path: Path, capsys) -> None:
+    make_class_folders(tmp_path / "data", classes=2, per_class=3)
+    status = main(["--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+                   "--classifier", TINY_CLASSIFIER, "--embedder", TINY_CLASSIFIER, "--batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert status == 0 and "embedded 6 images, 0 failed" in printed and str(tmp_path / "out") in printed
+    assert main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o2"),
+                 "--classifier", TINY_CLASSIFIER, "--embedder", TINY_CLASSIFIER]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "x", "--output", "y", "--batch-size", "0"])
