@@ -67,6 +67,8 @@ class EmbedConfig:
     num_gpus: float | None = None
     num_actors: int | None = None
     model_cpus: float | None = None
+    model_memory_gb: float = 1.0
+    actor_start_timeout_s: int = 600
     stages: str = "fused"
     device: str = "auto"
     precision: str = "auto"
@@ -89,6 +91,10 @@ class EmbedConfig:
             raise ValueError(f"--num-gpus must be >= 0, got {self.num_gpus}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError(f"--num-actors must be >= 1, got {self.num_actors}")
+        if self.actor_start_timeout_s < 1:
+            raise ValueError(f"--actor-start-timeout must be >= 1 s, got {self.actor_start_timeout_s}")
+        if self.model_memory_gb <= 0:
+            raise ValueError(f"--model-memory-gb must be > 0, got {self.model_memory_gb}")
         if self.stages not in ("fused", "separate"):
             raise ValueError(f"--stages must be fused or separate, got {self.stages}")
         as_spec(self.classifier), as_spec(self.embedder)
@@ -118,6 +124,10 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
                         help="model actors (default: GPUs in the cluster / --num-gpus; 1 without GPUs)")
     parser.add_argument("--model-cpus", type=float,
                         help="CPUs per model actor (default: 1 with GPUs; without, half the cluster's CPUs)")
+    parser.add_argument("--model-memory-gb", type=float, default=1.0,
+                        help="host memory reserved per model actor (default: 1)")
+    parser.add_argument("--actor-start-timeout", type=int, default=600,
+                        help="seconds to wait for all model actors to start (default: 600)")
     parser.add_argument("--stages", default="fused", choices=["fused", "separate"],
                         help="one actor pool for classify+embed (default) or two pools")
     parser.add_argument("--device", default="auto", help="model device inside actors: auto, cpu, cuda")
@@ -129,7 +139,8 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
             top_n=args.top_n, embedding_dtype=args.embedding_dtype, max_pixels=args.max_pixels,
             limit=args.limit, batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
             files_per_shard=args.files_per_shard, num_gpus=args.num_gpus, num_actors=args.num_actors,
-            model_cpus=args.model_cpus, stages=args.stages, device=args.device, precision=args.precision)
+            model_cpus=args.model_cpus, model_memory_gb=args.model_memory_gb,
+            actor_start_timeout_s=args.actor_start_timeout, stages=args.stages, device=args.device, precision=args.precision)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -272,6 +283,9 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     logger.info("model actors: %d x (%.2f GPU, %.1f CPU); cluster has %.0f GPUs, %.0f CPUs",
                 actors, num_gpus, model_cpus, cluster_gpus, resources.get("CPU", 0))
 
+    # Start every model actor before feeding any: all GPUs share the work from the first batch, and
+    # a cluster that cannot host the pool fails with a clear timeout instead of waiting forever.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s
     out = Path(config.output)
     ds = ray.data.from_items([shard_to_row(s) for s in shards], override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(ReadShards(skip_ids), batch_size=1)
@@ -279,10 +293,11 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
         ds = ds.limit(config.limit)
     ds = ds.map_batches(DecodeImages(inputs, out / "errors", config.max_pixels),
                         batch_size=config.decode_batch_size)
-    # max_restarts: a lost actor comes back. It also keeps Ray Data from fusing the CPU decode tasks
-    # into the model actors (fusion needs identical remote args), so decoding stays parallel.
+    # The memory request reserves room for the models. Being set only here, it also keeps Ray Data
+    # from fusing the decode tasks into the model actors (fusion needs identical resource
+    # requests), so decoding stays spread over all CPUs instead of running inside the actors.
     model_args = dict(batch_size=config.batch_size, num_gpus=num_gpus, num_cpus=model_cpus,
-                      compute=ActorPoolStrategy(size=actors), max_restarts=-1)
+                      memory=config.model_memory_gb * 2**30, compute=ActorPoolStrategy(size=actors))
     device = config.device if num_gpus > 0 or config.device != "auto" else "cpu"
     if config.stages == "fused":
         ds = ds.map_batches(_on_ray(ClassifyAndEmbed), fn_constructor_kwargs=dict(

@@ -17,6 +17,7 @@ Nothing is downloaded unless the spec says ``@hub``: a missing weight file is a
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import re
@@ -565,8 +566,22 @@ def _open_clip_cached_file(spec: ModelSpec, cache_dir: str | None) -> Path:
     return path
 
 
+#: open_clip architectures this project adds (a tiny one for tests); every process registers them
+#: on first use, so Ray workers know them too.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@functools.cache
+def _register_project_open_clip_configs() -> None:
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
 def _create_open_clip(spec: ModelSpec, cache_dir: str | None) -> torch.nn.Module:
     import open_clip
+
+    _register_project_open_clip_configs()
 
     if spec.weights == "hub":
         if not spec.tag:

@@ -11,16 +11,9 @@ import pytest
 # No test may reach a model hub: fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ASSETS = Path(__file__).parent / "assets"
-TINY_CLIP = "lookalike-tiny-clip"
+TINY_CLIP = "lookalike-tiny-clip"  # pipeline/model_configs/lookalike-tiny-clip.json
 TINY_CLASSIFIER = "timm:test_efficientnet@random"
 TINY_CLIP_SPEC = f"open_clip:{TINY_CLIP}@random"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    import open_clip
-
-    open_clip.add_model_config(ASSETS / f"{TINY_CLIP}.json")
 
 
 @pytest.fixture

@@ -238,8 +238,9 @@ def test_resize_matches_timm_eval_transform(rng: np.random.Generator, shape: tup
 def test_resize_matches_open_clip_transform(rng: np.random.Generator) -> None:
     import open_clip
 
-    from pipeline.models import _open_clip_preprocess
+    from pipeline.models import _open_clip_preprocess, _register_project_open_clip_configs
 
+    _register_project_open_clip_configs()
     model, _, reference = open_clip.create_model_and_transforms("lookalike-tiny-clip", pretrained=None)
     image = photo(rng, 90, 140)
     pre = _open_clip_preprocess(model)

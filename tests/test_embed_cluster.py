@@ -1,0 +1,74 @@
+"""The embedding job on Ray clusters: actors spread over (logical) GPUs, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import TINY_CLASSIFIER, make_class_folders
+
+from jobs.embed import EmbedConfig, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_actors_are_placed_on_both_gpus(tmp_path: Path) -> None:
+    """Two logical GPUs on a CPU machine: one model actor per GPU, both do work.
+
+    The model (a random EfficientNet-Lite0 at 224 px) is much slower than decoding tiny JPEGs, so
+    batches queue up for the actors as they would for real GPUs.
+    """
+    model = "timm:tf_efficientnet_lite0@random"
+    make_class_folders(tmp_path / "data", classes=4, per_class=10)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        summary = run(EmbedConfig(inputs=(str(tmp_path / "data"),), output=str(tmp_path / "out"),
+                                  classifier=model, embedder=model, batch_size=2,
+                                  decode_batch_size=2, files_per_shard=2, num_gpus=1, model_cpus=0.5))
+    finally:
+        ray.shutdown()
+    assert summary["config"]["num_gpus"] == 1
+    workers = summary["images_by_worker"]
+    gpus = {w.split("/gpu")[1] for w in workers}
+    assert gpus == {"0", "1"}, workers
+    assert sum(workers.values()) == 40 and summary["counts"]["embedded"] == 40
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path):
+    """A `ray start --head` cluster with token authentication on, stopped afterwards."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    # As after `source .venv/bin/activate`: the job's `python` is the project's.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--disable-usage-stats",
+                    "--dashboard-port", "8265"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield ray_cli, env
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head) -> None:
+    ray_cli, env = ray_head
+    make_class_folders(tmp_path / "data", classes=2, per_class=4, bad=1)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [ray_cli, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO), "--",
+         "python", "-m", "jobs.embed", "--input", str(tmp_path / "data"), "--output", str(out),
+         "--classifier", TINY_CLASSIFIER, "--embedder", TINY_CLASSIFIER, "--batch-size", "4"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"seen": 9, "embedded": 8, "failed": 1, "failed_by_type": manifest["counts"]["failed_by_type"]}
+    assert sum(manifest["counts"]["failed_by_type"].values()) == 1
