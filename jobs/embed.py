@@ -67,6 +67,7 @@ class EmbedConfig:
     num_gpus: float | None = None
     num_actors: int | None = None
     model_cpus: float | None = None
+    model_threads: int | None = None
     model_memory_gb: float = 1.0
     actor_start_timeout_s: int = 600
     stages: str = "fused"
@@ -93,6 +94,8 @@ class EmbedConfig:
             raise ValueError(f"--num-actors must be >= 1, got {self.num_actors}")
         if self.actor_start_timeout_s < 1:
             raise ValueError(f"--actor-start-timeout must be >= 1 s, got {self.actor_start_timeout_s}")
+        if self.model_threads is not None and self.model_threads < 1:
+            raise ValueError(f"--model-threads must be >= 1, got {self.model_threads}")
         if self.model_memory_gb <= 0:
             raise ValueError(f"--model-memory-gb must be > 0, got {self.model_memory_gb}")
         if self.stages not in ("fused", "separate"):
@@ -124,6 +127,9 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
                         help="model actors (default: GPUs in the cluster / --num-gpus; 1 without GPUs)")
     parser.add_argument("--model-cpus", type=float,
                         help="CPUs per model actor (default: 1 with GPUs; without, half the cluster's CPUs)")
+    parser.add_argument("--model-threads", type=int,
+                        help="torch CPU threads per model actor (default: all of a node's CPUs when "
+                             "running without GPUs, torch's own choice with GPUs)")
     parser.add_argument("--model-memory-gb", type=float, default=1.0,
                         help="host memory reserved per model actor (default: 1)")
     parser.add_argument("--actor-start-timeout", type=int, default=600,
@@ -139,7 +145,7 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
             top_n=args.top_n, embedding_dtype=args.embedding_dtype, max_pixels=args.max_pixels,
             limit=args.limit, batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
             files_per_shard=args.files_per_shard, num_gpus=args.num_gpus, num_actors=args.num_actors,
-            model_cpus=args.model_cpus, model_memory_gb=args.model_memory_gb,
+            model_cpus=args.model_cpus, model_memory_gb=args.model_memory_gb, model_threads=args.model_threads,
             actor_start_timeout_s=args.actor_start_timeout, stages=args.stages, device=args.device, precision=args.precision)
     except ValueError as exc:
         parser.error(str(exc))
@@ -278,8 +284,15 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
         actors = max(1, int(cluster_gpus / num_gpus))
     else:
         actors = 1
+    pools = 1 if config.stages == "fused" else 2
+    # Without GPUs, model actors reserve half the CPUs and decode tasks get the rest (a pool that
+    # reserved every CPU would starve the decoding that feeds it).
     model_cpus = config.model_cpus if config.model_cpus is not None else (
-        1.0 if num_gpus > 0 else max(1.0, resources.get("CPU", 2.0) // 2))
+        1.0 if num_gpus > 0 else max(0.25, resources.get("CPU", 2.0) / 2 / pools / actors))
+    # Without GPUs the model is the bottleneck and decoding is light: let torch use every core of
+    # the node even though the actor reserves only part of them (Ray would give it model_cpus).
+    node_cpus = min((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    threads = config.model_threads or (None if num_gpus > 0 else max(1, int(node_cpus)))
     logger.info("model actors: %d x (%.2f GPU, %.1f CPU); cluster has %.0f GPUs, %.0f CPUs",
                 actors, num_gpus, model_cpus, cluster_gpus, resources.get("CPU", 0))
 
@@ -302,14 +315,14 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     if config.stages == "fused":
         ds = ds.map_batches(_on_ray(ClassifyAndEmbed), fn_constructor_kwargs=dict(
             classifier=config.classifier, embedder=config.embedder, top_n=config.top_n, device=device,
-            precision=config.precision, embedding_dtype=config.embedding_dtype), **model_args)
+            precision=config.precision, embedding_dtype=config.embedding_dtype, threads=threads), **model_args)
     else:
         ds = ds.map_batches(_on_ray(ClassifyImages), fn_constructor_kwargs=dict(
-            classifier=config.classifier, top_n=config.top_n, device=device, precision=config.precision),
-            **model_args)
+            classifier=config.classifier, top_n=config.top_n, device=device, precision=config.precision,
+            threads=threads), **model_args)
         ds = ds.map_batches(_on_ray(EmbedImages), fn_constructor_kwargs=dict(
             embedder=config.embedder, device=device, precision=config.precision,
-            embedding_dtype=config.embedding_dtype), **model_args)
+            embedding_dtype=config.embedding_dtype, threads=threads), **model_args)
     # Writing is light: a quarter CPU keeps it from taking a decode slot.
     return ds.map_batches(WriteParts(out / "embeddings", dim, config.embedding_dtype), batch_size=None,
                           num_cpus=0.25)
@@ -342,10 +355,17 @@ def _summarize(rows: list[dict], wall: float, manifest: dict) -> dict:
         busy = sum(float(r[key]) for r in rows)
         return round(embedded_now / busy, 1) if busy > 0 else None
 
+    # Steady state: from the first written part to the last, leaving out start-up (actors starting,
+    # models loading) and the first part itself.
+    steady = None
+    if len(rows) >= 3:
+        span = rows[-1]["arrived"] - rows[0]["arrived"]
+        steady = round(sum(int(r["rows"]) for r in rows[1:]) / span, 1) if span > 0 else None
     return {
         "wall_s": round(wall, 2),
         "embedded_this_run": embedded_now,
         "images_per_s": round(embedded_now / wall, 1) if wall > 0 else None,
+        "steady_images_per_s": steady,
         # Busy time per stage summed over its workers: images/s one worker of that stage sustains.
         "per_worker_images_per_s": {"read": rate("read_s"), "decode": rate("decode_s"),
                                     "model": rate("model_s"), "write": rate("write_s")},
@@ -371,7 +391,8 @@ def run(config: EmbedConfig) -> dict:
     if shards:
         dataset = build_dataset(config, shards, skip, inputs, embedder_info["dim"])
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            rows.extend({k: batch[k][i] for k in batch} for i in range(len(batch["rows"])))
+            arrived = time.perf_counter()
+            rows.extend({**{k: batch[k][i] for k in batch}, "arrived": arrived} for i in range(len(batch["rows"])))
     wall = time.perf_counter() - start
     manifest = write_manifest(out, config, classifier_info, embedder_info)
     summary = _summarize(rows, wall, manifest)

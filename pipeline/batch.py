@@ -169,6 +169,16 @@ class DecodeImages:
         return out
 
 
+def _set_threads(threads: int | None) -> None:
+    """Sets torch's CPU threads for this process (Ray gives an actor as many as CPUs it reserved)."""
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def _strip_images(batch: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items() if k not in names}
 
@@ -188,9 +198,11 @@ class ClassifyImages:
         precision: see :func:`pipeline.models.select_runtime`.
     """
 
-    def __init__(self, classifier: str, top_n: int = 5, device: str = "auto", precision: str = "auto") -> None:
+    def __init__(self, classifier: str, top_n: int = 5, device: str = "auto", precision: str = "auto",
+                 threads: int | None = None) -> None:
         from pipeline.models import load_classifier, select_runtime
 
+        _set_threads(threads)
         self.classifier = load_classifier(classifier, select_runtime(device, precision))
         self.top_n = top_n
 
@@ -216,9 +228,10 @@ class EmbedImages:
     """
 
     def __init__(self, embedder: str, device: str = "auto", precision: str = "auto",
-                 embedding_dtype: str = "float32") -> None:
+                 embedding_dtype: str = "float32", threads: int | None = None) -> None:
         from pipeline.models import load_embedder, select_runtime
 
+        _set_threads(threads)
         self.embedder = load_embedder(embedder, select_runtime(device, precision))
         self.embedding_dtype = np.dtype(embedding_dtype)
 
@@ -246,15 +259,16 @@ class ClassifyAndEmbed:
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         precision: see :func:`pipeline.models.select_runtime`.
         embedding_dtype: ``float32`` or ``float16`` in the output.
+        threads: torch CPU threads (None: leave as is).
     """
 
     def __init__(self, classifier: str, embedder: str, top_n: int = 5, device: str = "auto",
-                 precision: str = "auto", embedding_dtype: str = "float32") -> None:
+                 precision: str = "auto", embedding_dtype: str = "float32", threads: int | None = None) -> None:
         from pipeline.models import as_spec
 
         self.shared = classifier == embedder and as_spec(classifier).library == "timm"
-        self.classify = ClassifyImages(classifier, top_n, device, precision)
-        self.embed = None if self.shared else EmbedImages(embedder, device, precision, embedding_dtype)
+        self.classify = ClassifyImages(classifier, top_n, device, precision, threads)
+        self.embed = None if self.shared else EmbedImages(embedder, device, precision, embedding_dtype, threads)
         self.top_n = top_n
         self.embedding_dtype = np.dtype(embedding_dtype)
 
