@@ -68,7 +68,7 @@ class EmbedConfig:
     num_actors: int | None = None
     model_cpus: float | None = None
     model_threads: int | None = None
-    model_memory_gb: float = 1.0
+    model_memory_gb: float = 2.0
     actor_start_timeout_s: int = 600
     stages: str = "fused"
     device: str = "auto"
@@ -130,8 +130,8 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
     parser.add_argument("--model-threads", type=int,
                         help="torch CPU threads per model actor (default: all of a node's CPUs when "
                              "running without GPUs, torch's own choice with GPUs)")
-    parser.add_argument("--model-memory-gb", type=float, default=1.0,
-                        help="host memory reserved per model actor (default: 1)")
+    parser.add_argument("--model-memory-gb", type=float, default=2.0,
+                        help="host memory reserved per model actor (default: 2; torch alone takes ~1.6)")
     parser.add_argument("--actor-start-timeout", type=int, default=600,
                         help="seconds to wait for all model actors to start (default: 600)")
     parser.add_argument("--stages", default="fused", choices=["fused", "separate"],
@@ -355,12 +355,16 @@ def _summarize(rows: list[dict], wall: float, manifest: dict) -> dict:
         busy = sum(float(r[key]) for r in rows)
         return round(embedded_now / busy, 1) if busy > 0 else None
 
-    # Steady state: from the first written part to the last, leaving out start-up (actors starting,
-    # models loading) and the first part itself.
+    # Steady state: images written between the moments 10% and 90% of this run's images were
+    # written (worker clocks at write time), leaving out start-up and the drain at the end.
     steady = None
-    if len(rows) >= 3:
-        span = rows[-1]["arrived"] - rows[0]["arrived"]
-        steady = round(sum(int(r["rows"]) for r in rows[1:]) / span, 1) if span > 0 else None
+    if len(rows) >= 5:
+        ordered = sorted(rows, key=lambda r: float(r["written_at"]))
+        done = np.cumsum([int(r["rows"]) for r in ordered])
+        lo = int(np.searchsorted(done, 0.1 * done[-1]))
+        hi = int(np.searchsorted(done, 0.9 * done[-1]))
+        span = float(ordered[hi]["written_at"]) - float(ordered[lo]["written_at"])
+        steady = round(float(done[hi] - done[lo]) / span, 1) if hi > lo and span > 0 else None
     return {
         "wall_s": round(wall, 2),
         "embedded_this_run": embedded_now,
@@ -391,8 +395,7 @@ def run(config: EmbedConfig) -> dict:
     if shards:
         dataset = build_dataset(config, shards, skip, inputs, embedder_info["dim"])
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            arrived = time.perf_counter()
-            rows.extend({**{k: batch[k][i] for k in batch}, "arrived": arrived} for i in range(len(batch["rows"])))
+            rows.extend({k: batch[k][i] for k in batch} for i in range(len(batch["rows"])))
     wall = time.perf_counter() - start
     manifest = write_manifest(out, config, classifier_info, embedder_info)
     summary = _summarize(rows, wall, manifest)

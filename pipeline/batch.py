@@ -334,4 +334,5 @@ class WriteParts:
                 "read_s": np.array([float(np.sum(batch["read_s"]))]),
                 "decode_s": np.array([float(np.sum(batch["decode_s"]))]),
                 "model_s": np.array([float(np.sum(batch["model_s"]))]),
-                "write_s": np.array([time.perf_counter() - start])}
+                "write_s": np.array([time.perf_counter() - start]),
+                "written_at": np.array([time.time()])}

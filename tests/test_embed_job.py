@@ -132,3 +132,33 @@ def test_cli_main_and_errors(tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--input", "x", "--output", "y", "--batch-size", "0"])
+
+
+def test_embed_then_build_then_search_finds_the_image_itself(tmp_path: Path, capsys) -> None:
+    from jobs.build_index import main as build_main
+    from jobs.search import main as search_main
+
+    made = make_class_folders(tmp_path / "data", classes=3, per_class=6)
+    run(config([tmp_path / "data"], tmp_path / "emb"))
+    assert build_main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index"),
+                       "--shard-size", "5"]) == 0
+    assert "18 images" in capsys.readouterr().out
+    queries = [made["good"][0], made["good"][13]]
+    for mode in ("class", "global"):
+        assert search_main(["--index", str(tmp_path / "index"), "--image", *map(str, queries), "-k", "3",
+                            "--mode", mode, "--json"]) == 0
+        answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        for query, answer in zip(queries, answers):
+            top = answer["results"][0]
+            assert top["uri"] == str(query) and top["score"] == pytest.approx(1.0, abs=1e-4)
+            assert answer["classes"][0]["synset"].startswith("n")
+    # A bad file is reported, the others answered, exit status 1.
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert search_main(["--index", str(tmp_path / "index"), "--image", str(bad), str(queries[0])]) == 1
+    captured = capsys.readouterr()
+    assert "bad.jpg: not an image" in captured.err and str(queries[0]) in captured.out
+    # Building into an existing index is refused; appending the same output adds nothing.
+    assert build_main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index")]) == 2
+    assert build_main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index"), "--append"]) == 0
+    assert "18 images" in capsys.readouterr().out

@@ -1,0 +1,70 @@
+"""Query an index from the command line (no Ray Serve needed).
+
+    python -m jobs.search --index INDEX --image FILE [FILE ...] [-k 5] [--mode class|global] [--json]
+
+Loads the models the index manifest names, then decodes, classifies, embeds and searches each
+image exactly as the online service does. A file that cannot be read or decoded gets a one-line
+error; the others are answered and the exit status is 1 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.images import ImageDecodeError
+from pipeline.search import SEARCH_MODES, QueryEngine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--index", required=True, help="index folder (from jobs.build_index)")
+    parser.add_argument("--image", required=True, nargs="+", type=Path, help="query images")
+    parser.add_argument("-k", type=int, default=5, help="results per query (default: 5)")
+    parser.add_argument("--mode", default="class", choices=SEARCH_MODES,
+                        help="class: among the predicted class's images (default); global: all images")
+    parser.add_argument("--top-n", type=int, default=1, help="predicted classes searched in class mode")
+    parser.add_argument("--min-score", type=float, help="drop results below this similarity")
+    parser.add_argument("--fallback-global", action="store_true",
+                        help="class mode: fill up from a global search when the classes hold fewer than k")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="one JSON object per query image")
+    args = parser.parse_args(argv)
+    if args.k < 1 or args.top_n < 1:
+        parser.error("-k and --top-n must be >= 1")
+    from pipeline.models import select_runtime
+
+    try:
+        engine = QueryEngine.load(args.index, runtime=select_runtime(args.device), top_n=args.top_n)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in args.image:
+        try:
+            result = engine.search([path.read_bytes()], k=args.k, mode=args.mode, min_score=args.min_score,
+                                   fallback_global=args.fallback_global)[0]
+        except OSError as exc:
+            failures += 1
+            print(f"error: {path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            continue
+        except ImageDecodeError as exc:
+            failures += 1
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"image": str(path), "mode": args.mode, **result.to_json()}, ensure_ascii=False))
+            continue
+        top = result.classes[0]
+        print(f"{path}  (predicted: {top['name']} {top['probability']:.1%})")
+        for rank, hit in enumerate(result.hits, 1):
+            print(f"  {rank}. {hit.score:.4f}  {hit.uri}  [{hit.label or '-'}]")
+        if not result.hits:
+            print("  (no results)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Sharded index: exact equality with a numpy brute-force reference, shard planning, integrity
+checks, model checks, append, and the end-to-end path embed -> build -> search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.batch import WriteParts
+from pipeline.index import (
+    IndexConfig,
+    IndexIntegrityError,
+    ShardedIndex,
+    append_index,
+    build_index,
+    plan_shards,
+)
+
+DIM = 16
+MODELS = {"classifier": {"spec": "timm:test_efficientnet@random"},
+          "embedder": {"spec": "timm:test_efficientnet@random", "dim": DIM}}
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def synthetic(n: int, classes: int, seed: int, id_offset: int = 0) -> dict[str, np.ndarray]:
+    """Clustered vectors: each class has a centre, members scatter around it."""
+    rng = np.random.default_rng(seed)
+    centres = unit(np.random.default_rng(99).normal(size=(classes, DIM)))
+    cls = rng.integers(0, classes, n)
+    vectors = unit(centres[cls] + 0.35 * rng.normal(size=(n, DIM)))
+    return {"id": np.arange(id_offset, id_offset + n, dtype=np.int64),
+            "uri": np.array([f"/img/{id_offset + i}.jpg" for i in range(n)], dtype=object),
+            "label": np.array([f"c{c}" for c in cls], dtype=object),
+            "classes": np.stack([cls, (cls + 1) % classes], axis=1).astype(np.int32),
+            "class_probs": np.tile(np.array([[0.9, 0.1]], np.float32), (n, 1)),
+            "embedding": vectors}
+
+
+def write_embeddings(out: Path, data: dict[str, np.ndarray], parts: int = 3) -> Path:
+    """An embedding-job output folder (parts + manifest) holding ``data``."""
+    writer = WriteParts(out / "embeddings", DIM)
+    entries = []
+    for chunk in np.array_split(np.arange(len(data["id"])), parts):
+        batch = {k: v[chunk] for k, v in data.items()}
+        batch.update(read_s=np.zeros(len(chunk)), decode_s=np.zeros(len(chunk)), model_s=np.zeros(len(chunk)))
+        name = writer(batch)["part"][0]
+        entries.append({"path": f"embeddings/{name}", "rows": len(chunk)})
+    (out / "manifest.json").write_text(json.dumps({"models": MODELS, "parts": entries}))
+    return out
+
+
+def brute_force(data: dict[str, np.ndarray], queries: np.ndarray, k: int, allowed=None) -> list[list[int]]:
+    sims = queries @ data["embedding"].T
+    out = []
+    for q in range(len(queries)):
+        mask = np.ones(len(data["id"]), bool) if allowed is None else allowed[q]
+        candidates = np.flatnonzero(mask)
+        order = candidates[np.argsort(-sims[q, candidates], kind="stable")][:k]
+        out.append(data["id"][order].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory) -> tuple[dict, Path, Path]:
+    root = tmp_path_factory.mktemp("gallery")
+    data = synthetic(3000, classes=40, seed=1)
+    emb = write_embeddings(root / "emb", data)
+    index_dir = root / "index"
+    build_index(emb, index_dir, IndexConfig(shard_size=400, global_index="flat"))
+    return data, emb, index_dir
+
+
+def test_plan_shards_never_splits_a_class() -> None:
+    counts = {0: 5, 1: 3, 2: 9, 3: 1, 4: 2}
+    shards = plan_shards(counts, shard_size=6)
+    assert shards == [[0], [1], [2], [3, 4]]
+    assert sorted(c for s in shards for c in s) == sorted(counts)
+    assert plan_shards({}, 10) == []
+
+
+def test_shards_hold_contiguous_whole_classes(gallery) -> None:
+    data, _, index_dir = gallery
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    assert manifest["rows"] == 3000 and len(manifest["shards"]) > 1
+    seen = set()
+    for number, entry in enumerate(manifest["shards"]):
+        rows = pq.read_table(index_dir / entry["path"] / "rows.parquet").to_pydict()
+        classes = np.array(rows["class"])
+        assert np.all(np.diff(classes) >= 0), "rows sorted by class"
+        for cls in np.unique(classes):
+            positions = np.flatnonzero(classes == cls)
+            assert positions[-1] - positions[0] + 1 == len(positions), "class range contiguous"
+            assert manifest["classes"][str(cls)] == [number, int(positions[0]), int(positions[-1]) + 1]
+            assert cls not in seen, "class split across shards"
+            seen.add(cls)
+        assert entry["rows"] <= 400 or len(np.unique(classes)) == 1
+    assert seen == set(np.unique(data["classes"][:, 0]).tolist())
+
+
+def test_class_restricted_search_equals_brute_force(gallery) -> None:
+    data, _, index_dir = gallery
+    index = ShardedIndex.load(index_dir)
+    rng = np.random.default_rng(7)
+    queries = unit(rng.normal(size=(25, DIM)))
+    query_classes = rng.integers(0, 40, (25, 2))
+    top1 = data["classes"][:, 0]
+    for n in (1, 2):
+        allowed = (top1[None, None, :] == query_classes[:, :n, None]).any(axis=1)
+        expected = brute_force(data, queries, 5, allowed)
+        got = index.search_class(queries, query_classes[:, :n], k=5)
+        assert [[h.id for h in hits] for hits in got] == expected
+    hit = index.search_class(queries[:1], query_classes[:1, :1], k=1)[0][0]
+    assert hit.uri == f"/img/{hit.id}.jpg" and hit.label.startswith("c") and hit.cls == query_classes[0, 0]
+
+
+def test_global_exact_search_equals_brute_force(gallery) -> None:
+    data, _, index_dir = gallery
+    index = ShardedIndex.load(index_dir)
+    queries = unit(np.random.default_rng(8).normal(size=(20, DIM)))
+    got = index.search_global(queries, k=10)
+    assert [[h.id for h in hits] for hits in got] == brute_force(data, queries, 10)
+    scores = [h.score for h in got[0]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(h.score >= 0.5 for h in index.search_global(queries, k=10, min_score=0.5)[0])
+
+
+def test_approximate_global_search_recall(tmp_path: Path) -> None:
+    data = synthetic(20000, classes=50, seed=3)
+    emb = write_embeddings(tmp_path / "emb", data)
+    build_index(emb, tmp_path / "index", IndexConfig(shard_size=10**6, global_index="ivf", nlist=64))
+    index = ShardedIndex.load(tmp_path / "index")
+    assert index.manifest["shards"][0]["index_type"] == "ivf"
+    queries = data["embedding"][np.random.default_rng(4).choice(len(data["id"]), 100, replace=False)]
+    got = [[h.id for h in hits] for hits in index.search_global(queries, k=10, nprobe=16)]
+    expected = brute_force(data, queries, 10)
+    recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, expected)])
+    assert recall >= 0.95, recall
+
+
+def test_fallback_and_unknown_classes(gallery) -> None:
+    _, _, index_dir = gallery
+    index = ShardedIndex.load(index_dir)
+    query = unit(np.ones((1, DIM)))
+    assert index.search_class(query, [[12345]], k=5) == [[]]  # a class with no images: empty, no error
+    filled = index.search_class(query, [[12345]], k=5, fallback_global=True)[0]
+    assert [h.id for h in filled] == [h.id for h in index.search_global(query, k=5)[0]]
+    assert index.class_size(12345) == 0
+    with pytest.raises(ValueError, match="dimension"):
+        index.search_global(np.ones((1, DIM + 1), np.float32))
+
+
+def test_subset_of_shards_for_a_replica(gallery) -> None:
+    _, _, index_dir = gallery
+    part = ShardedIndex.load(index_dir, shards=[0])
+    full = ShardedIndex.load(index_dir)
+    assert 0 < len(part) < len(full)
+    owned = [c for c in range(40) if part.owns_class(c)]
+    assert owned and not all(part.owns_class(c) for c in range(40))
+
+
+def test_corrupted_and_truncated_files_are_named(tmp_path: Path, gallery) -> None:
+    import shutil
+
+    _, _, index_dir = gallery
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    target = copy / "shards" / "0001" / "vectors.npy"
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match=r"0001/vectors.npy is corrupted"):
+        ShardedIndex.load(copy)
+    target.write_bytes(bytes(data[:-100]))
+    with pytest.raises(IndexIntegrityError, match=r"0001/vectors.npy is truncated"):
+        ShardedIndex.load(copy)
+
+
+def test_wrong_models_are_refused(gallery) -> None:
+    _, _, index_dir = gallery
+    with pytest.raises(ValueError, match="other models"):
+        ShardedIndex.load(index_dir, expect_models={"embedder": "open_clip:ViT-B-32/laion2b_s34b_b79k"})
+    ShardedIndex.load(index_dir, expect_models={"embedder": MODELS["embedder"]["spec"]})
+
+
+def test_building_twice_into_one_folder_is_refused(gallery) -> None:
+    _, emb, index_dir = gallery
+    with pytest.raises(FileExistsError, match="append"):
+        build_index(emb, index_dir)
+
+
+def test_append_equals_building_from_the_union(tmp_path: Path) -> None:
+    a = synthetic(1500, classes=30, seed=11)
+    b = synthetic(700, classes=45, seed=12, id_offset=10_000)  # new classes 30..44 and more of old ones
+    union = {k: np.concatenate([a[k], b[k]]) for k in a}
+    emb_a, emb_b = write_embeddings(tmp_path / "a", a), write_embeddings(tmp_path / "b", b)
+    emb_u = write_embeddings(tmp_path / "u", union)
+    config = IndexConfig(shard_size=300, global_index="flat")
+    build_index(emb_a, tmp_path / "appended", config)
+    before = json.loads((tmp_path / "appended" / "manifest.json").read_text())
+    append_index(emb_b, tmp_path / "appended")
+    append_index(emb_b, tmp_path / "appended")  # appending the same output twice adds nothing
+    build_index(emb_u, tmp_path / "whole", config)
+    appended, whole = ShardedIndex.load(tmp_path / "appended"), ShardedIndex.load(tmp_path / "whole")
+    assert len(appended) == len(whole) == 2200
+    after = json.loads((tmp_path / "appended" / "manifest.json").read_text())
+    untouched = [i for i, s in enumerate(before["shards"]) if s["files"] == after["shards"][i]["files"]]
+    touched_classes = set(np.unique(b["classes"][:, 0]).tolist())
+    for i in untouched:
+        assert not any(after["classes"][str(c)][0] == i for c in touched_classes)
+    rng = np.random.default_rng(13)
+    queries = unit(rng.normal(size=(30, DIM)))
+    classes = rng.integers(0, 45, (30, 2))
+    for q_app, q_whole in zip(appended.search_class(queries, classes, k=7), whole.search_class(queries, classes, k=7)):
+        assert [h.id for h in q_app] == [h.id for h in q_whole]
+    assert [[h.id for h in r] for r in appended.search_global(queries, k=7)] == \
+           [[h.id for h in r] for r in whole.search_global(queries, k=7)]
+
+
+def test_append_refuses_other_models(tmp_path: Path, gallery) -> None:
+    import shutil
+
+    _, _, index_dir = gallery
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    other = write_embeddings(tmp_path / "other", synthetic(50, classes=3, seed=2))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["models"]["embedder"]["spec"] = "open_clip:ViT-B-32/laion2b_s34b_b79k"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="other models"):
+        append_index(other, copy)
