@@ -25,6 +25,10 @@ demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.predict --sample-photos --top 3
 	$(PY) -m jobs.demo_data --output out/demo-data
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.embed --input out/demo-data --output out/demo
+	$(PY) -m jobs.build_index --embeddings out/demo --output out/demo-index \
+		$$(test -f out/demo-index/manifest.json && echo --append)
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.search --index out/demo-index -k 5 \
+		--image out/demo-data/chelsea.png $$(ls out/demo-data/digit_3/*.png | head -1)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out

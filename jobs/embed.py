@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -38,6 +36,7 @@ from pipeline.batch import (
     WriteParts,
     shard_to_row,
 )
+from pipeline.files import sha256_file, write_json_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, as_spec, find_weights, load_classifier, load_embedder
 from pipeline.sources import discover_shards
@@ -167,9 +166,7 @@ def check_config(out: Path, config: EmbedConfig) -> None:
             raise ValueError(f"{out} holds outputs made with other settings ({details}); "
                              f"use a new --output folder, or delete {out} to start over")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config.to_json(), indent=2))
-    os.replace(tmp, path)
+    write_json_atomically(config.to_json(), path)
 
 
 def remove_partial_files(out: Path) -> int:
@@ -189,18 +186,10 @@ def done_ids(out: Path) -> np.ndarray:
     return np.sort(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _parts(folder: Path) -> list[dict]:
     paths = sorted(folder.glob("part-*.parquet"))
     with ThreadPoolExecutor(max_workers=8) as pool:
-        hashes = list(pool.map(_sha256, paths))
+        hashes = list(pool.map(sha256_file, paths))
     return [{"path": f"{folder.name}/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows, "sha256": h}
             for p, h in zip(paths, hashes)]
 
@@ -233,9 +222,7 @@ def write_manifest(out: Path, config: EmbedConfig, classifier_info: dict, embedd
         "parts": embedding_parts,
         "error_parts": error_parts,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "manifest.json")
+    write_json_atomically(manifest, out / "manifest.json")
     return manifest
 
 
@@ -404,9 +391,7 @@ def run(config: EmbedConfig) -> dict:
         by_worker[str(r.get("worker", "-"))] += int(r["rows"])
     summary["images_by_worker"] = dict(sorted(by_worker.items()))
     summary["config"] = config.to_json()
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, out / "summary.json")
+    write_json_atomically(summary, out / "summary.json")
     return summary
 
 

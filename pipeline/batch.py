@@ -16,16 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.files import write_table_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode_image, resize_image
 from pipeline.sources import Shard, read_shard, uri_id
 
@@ -46,14 +44,6 @@ def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         ("classes", pa.list_(pa.int32())), ("class_probs", pa.list_(pa.float32())),
         ("embedding", pa.list_(value_type, dim)),
     ])
-
-
-def write_table_atomically(table: pa.Table, path: Path) -> None:
-    """Writes a parquet file via a temporary name and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def part_name(ids: np.ndarray) -> str:

@@ -16,7 +16,6 @@ a global search queries every shard's FAISS index and merges by score.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -30,6 +29,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.files import sha256_file, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -164,14 +165,6 @@ def build_faiss_index(vectors: np.ndarray, kind: str, config: IndexConfig) -> fa
     return index
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_shard(directory: Path, rows: pa.Table, vectors: np.ndarray, config: IndexConfig,
                 dtype: str = "float32") -> dict:
     """Writes one shard (rows already sorted by class, id) and returns its manifest entry.
@@ -202,7 +195,7 @@ def write_shard(directory: Path, rows: pa.Table, vectors: np.ndarray, config: In
         starts = np.flatnonzero(np.r_[True, classes[1:] != classes[:-1]])
         ends = np.r_[starts[1:], len(classes)]
         ranges = {int(classes[s]): [int(s), int(e)] for s, e in zip(starts, ends)}
-    files = {name: {"sha256": _sha256(directory / name), "bytes": (directory / name).stat().st_size}
+    files = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
              for name in ("vectors.npy", "rows.parquet", "index.faiss")}
     return {"path": f"shards/{directory.name}", "rows": int(len(vectors)), "index_type": kind,
             "classes": ranges, "files": files}
@@ -339,9 +332,7 @@ def write_index_manifest(index_dir: Path, shards: list[dict], source_manifest: d
         "classes": class_map,
         "shards": [{k: v for k, v in s.items() if k != "classes"} | {"classes": len(s["classes"])} for s in shards],
     }
-    tmp = index_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, index_dir / "manifest.json")
+    write_json_atomically(manifest, index_dir / "manifest.json", indent=1)
     return manifest
 
 
@@ -358,6 +349,27 @@ class _Shard:
     labels: pa.Array
     classes: np.ndarray
     index: faiss.Index = field(repr=False)
+
+    def scan(self, query: np.ndarray, start: int, end: int, k: int, exact_max_rows: int | None,
+             nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, positions) among positions [start, end), best first."""
+        if exact_max_rows is not None and end - start > exact_max_rows:
+            ivf = _ivf_of(self.index)
+            if ivf is not None:
+                # Positions are the FAISS ids and each inverted list stores them in ascending order,
+                # so a sorted range selector bisects each visited list instead of testing every id.
+                params = faiss.SearchParametersIVF(sel=faiss.IDSelectorRange(start, end, True),
+                                                   nprobe=min(nprobe, ivf.nlist))
+                scores, positions = self.index.search(query[None], k, params=params)
+                keep = positions[0] >= 0
+                return scores[0][keep], positions[0][keep]
+        sims = np.asarray(self.vectors[start:end], dtype=np.float32) @ query
+        if len(sims) > k:
+            top = np.argpartition(-sims, k - 1)[:k]
+            top = top[np.lexsort((top, -sims[top]))]
+        else:
+            top = np.lexsort((np.arange(len(sims)), -sims))
+        return sims[top], start + top
 
     def hit(self, position: int, score: float) -> Hit:
         label = self.labels[position].as_py()
@@ -453,8 +465,9 @@ class ShardedIndex:
         return 0 if where is None else where[2] - where[1]
 
     def search_class(self, queries: np.ndarray, classes: np.ndarray, k: int = 5, *,
-                     min_score: float | None = None, fallback_global: bool = False) -> list[list[Hit]]:
-        """Approach 2: exact search among the images of each query's predicted classes.
+                     min_score: float | None = None, fallback_global: bool = False,
+                     exact_max_rows: int | None = None, nprobe: int = 32) -> list[list[Hit]]:
+        """Approach 2: search among the images of each query's predicted classes only.
 
         Args:
             queries: (Q, dim) L2-normalised query embeddings.
@@ -463,6 +476,11 @@ class ShardedIndex:
             min_score: drop results below this similarity.
             fallback_global: when the classes hold fewer than k images (here), fill up from a
                 global search.
+            exact_max_rows: classes up to this size are scanned exactly (the default, None, scans
+                every class exactly). A larger class in a shard with an IVF index is searched
+                through that index restricted to the class's position range, visiting ``nprobe``
+                lists: approximate, but its cost no longer grows with the class.
+            nprobe: IVF lists visited for such large classes.
 
         Returns:
             per query, up to k hits, best first.
@@ -477,11 +495,9 @@ class ShardedIndex:
                 if where is None or where[0] not in self._shards:
                     continue
                 shard = self._shards[where[0]]
-                start, end = where[1], where[2]
-                sims = np.asarray(shard.vectors[start:end], dtype=np.float32) @ query
-                top = np.argsort(-sims, kind="stable")[:k]
-                scores.extend(sims[top])
-                hits.extend((shard, start + int(i)) for i in top)
+                sims, positions = shard.scan(query, where[1], where[2], k, exact_max_rows, nprobe)
+                scores.extend(sims)
+                hits.extend((shard, int(p)) for p in positions)
             order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")[:k]
             found = [hits[i][0].hit(hits[i][1], scores[i]) for i in order]
             if fallback_global and len(found) < k:
@@ -528,6 +544,13 @@ def _threshold(hits: list[Hit], min_score: float | None) -> list[Hit]:
     return hits if min_score is None else [h for h in hits if h.score >= min_score]
 
 
+def _ivf_of(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
+
+
 def _set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
     try:
         ivf = faiss.extract_index_ivf(index)
@@ -546,7 +569,7 @@ def _load_shard(directory: Path, number: int, entry: dict, verify: bool, gpu: bo
         if path.stat().st_size != facts["bytes"]:
             raise IndexIntegrityError(f"index file {path} is truncated or altered: "
                                       f"{path.stat().st_size} bytes, manifest says {facts['bytes']}")
-        if verify and _sha256(path) != facts["sha256"]:
+        if verify and sha256_file(path) != facts["sha256"]:
             raise IndexIntegrityError(f"index file {path} is corrupted: its sha256 does not match the manifest")
     try:
         vectors = np.load(directory / "vectors.npy", mmap_mode="r")

@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_actors_are_placed_on_both_gpus(tmp_path: Path) -> None:
     """Two logical GPUs on a CPU machine: one model actor per GPU, both do work.
 
-    The model (a random EfficientNet-Lite0 at 224 px) is much slower than decoding tiny JPEGs, so
-    batches queue up for the actors as they would for real GPUs.
+    Ray Data hands each batch to the least busy actor, so both work only while batches queue up,
+    as they do for real GPUs: here the model (a random ResNet-50 at 224 px) is far slower than
+    decoding tiny JPEGs.
     """
-    model = "timm:tf_efficientnet_lite0@random"
+    model = "timm:resnet50@random"
     make_class_folders(tmp_path / "data", classes=4, per_class=10)
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
     try:

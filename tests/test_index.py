@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -236,3 +235,22 @@ def test_append_refuses_other_models(tmp_path: Path, gallery) -> None:
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="other models"):
         append_index(other, copy)
+
+
+def test_large_classes_can_go_through_the_ivf_index(tmp_path: Path) -> None:
+    """Above exact_max_rows, a class is searched via the shard's IVF index restricted to its range:
+    the hits stay inside the class and agree with the exact scan."""
+    data = synthetic(8000, classes=4, seed=21)
+    emb = write_embeddings(tmp_path / "emb", data)
+    build_index(emb, tmp_path / "index", IndexConfig(global_index="ivf", nlist=32))
+    index = ShardedIndex.load(tmp_path / "index")
+    rng = np.random.default_rng(22)
+    picks = rng.choice(len(data["id"]), 40, replace=False)
+    queries, classes = data["embedding"][picks], data["classes"][picks, :1]
+    exact = index.search_class(queries, classes, k=10)
+    approx = index.search_class(queries, classes, k=10, exact_max_rows=100, nprobe=8)
+    recall = np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9, recall
+    for hits, cls in zip(approx, classes[:, 0]):
+        assert len(hits) == 10 and all(h.cls == cls for h in hits)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)

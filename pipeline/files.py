@@ -1,0 +1,41 @@
+"""Small file helpers shared by the job outputs and the index: checksums and atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+
+
+def write_table_atomically(table: pa.Table, path: Path) -> None:
+    """Writes a parquet file via a temporary name and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomically(data: dict, path: Path, indent: int = 2) -> None:
+    """Writes JSON via a temporary name and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    tmp.write_text(json.dumps(data, indent=indent, default=float))
+    os.replace(tmp, path)
