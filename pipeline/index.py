@@ -124,8 +124,8 @@ def plan_shards(class_counts: dict[int, int], shard_size: int) -> list[list[int]
 def _nlist(rows: int, config: IndexConfig) -> int:
     if config.nlist:
         return max(1, min(config.nlist, rows))
-    # ~4 sqrt(n) lists, and enough training points per list (FAISS wants >= 39).
-    return max(1, min(int(4 * math.sqrt(rows)), rows // 39))
+    # ~4 sqrt(n) lists, and enough training points per list (FAISS wants >= 39 each).
+    return max(1, min(int(4 * math.sqrt(rows)), min(rows, config.train_size) // 39))
 
 
 def choose_index_type(rows: int, config: IndexConfig) -> str:

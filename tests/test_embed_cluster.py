@@ -73,3 +73,45 @@ def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"seen": 9, "embedded": 8, "failed": 1, "failed_by_type": manifest["counts"]["failed_by_type"]}
     assert sum(manifest["counts"]["failed_by_type"].values()) == 1
+
+
+def test_killed_job_resumes_to_identical_rows(tmp_path: Path) -> None:
+    """SIGKILL the job (and its local Ray) once parts exist, run it again: same rows as a clean run."""
+    import signal
+    import time
+
+    import pyarrow.parquet as pq
+
+    make_class_folders(tmp_path / "data", classes=4, per_class=30, bad=2)
+    model = "timm:tf_efficientnet_lite0@random"
+    args = ["--input", str(tmp_path / "data"), "--classifier", model, "--embedder", model,
+            "--batch-size", "4", "--decode-batch-size", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def job(out: Path, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "jobs.embed", *args, "--output", str(out)], cwd=REPO,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+
+    def rows(out: Path) -> dict:
+        found = {}
+        for part in (out / "embeddings").glob("part-*.parquet"):
+            for row in pq.read_table(part, columns=["id", "uri", "classes"]).to_pylist():
+                assert row["id"] not in found
+                found[row["id"]] = row
+        return found
+
+    assert job(tmp_path / "clean").wait(timeout=600) == 0
+    victim = job(tmp_path / "killed", start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "killed" / "embeddings").glob("part-*.parquet")):
+        assert victim.poll() is None, "the job ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    written = len(rows(tmp_path / "killed"))
+    assert written < 120, "killed too late to test anything"
+    assert job(tmp_path / "killed").wait(timeout=600) == 0
+    assert rows(tmp_path / "killed") == rows(tmp_path / "clean")
+    manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    assert manifest["counts"]["seen"] == 122 and manifest["counts"]["failed"] == 2

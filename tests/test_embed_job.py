@@ -140,8 +140,9 @@ def test_embed_then_build_then_search_finds_the_image_itself(tmp_path: Path, cap
     made = make_class_folders(tmp_path / "data", classes=3, per_class=6)
     run(config([tmp_path / "data"], tmp_path / "emb"))
     assert build_main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index"),
-                       "--shard-size", "5"]) == 0
+                       "--shard-size", "5", "--ray"]) == 0  # shards built as Ray tasks
     assert "18 images" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "index" / "manifest.json").read_text())["shards"]) >= 3
     queries = [made["good"][0], made["good"][13]]
     for mode in ("class", "global"):
         assert search_main(["--index", str(tmp_path / "index"), "--image", *map(str, queries), "-k", "3",
