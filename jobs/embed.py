@@ -299,39 +299,46 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     model_args = dict(batch_size=config.batch_size, num_gpus=num_gpus, num_cpus=model_cpus,
                       memory=config.model_memory_gb * 2**30, compute=ActorPoolStrategy(size=actors))
     device = config.device if num_gpus > 0 or config.device != "auto" else "cpu"
+    write_to = dict(out_dir=str(out / "embeddings"), dim=dim, embedding_dtype=config.embedding_dtype)
     if config.stages == "fused":
-        ds = ds.map_batches(_on_ray(ClassifyAndEmbed), fn_constructor_kwargs=dict(
-            classifier=config.classifier, embedder=config.embedder, top_n=config.top_n, device=device,
-            precision=config.precision, embedding_dtype=config.embedding_dtype, threads=threads), **model_args)
-    else:
-        ds = ds.map_batches(_on_ray(ClassifyImages), fn_constructor_kwargs=dict(
-            classifier=config.classifier, top_n=config.top_n, device=device, precision=config.precision,
-            threads=threads), **model_args)
-        ds = ds.map_batches(_on_ray(EmbedImages), fn_constructor_kwargs=dict(
-            embedder=config.embedder, device=device, precision=config.precision,
-            embedding_dtype=config.embedding_dtype, threads=threads), **model_args)
-    # Writing is light: a quarter CPU keeps it from taking a decode slot.
-    return ds.map_batches(WriteParts(out / "embeddings", dim, config.embedding_dtype), batch_size=None,
-                          num_cpus=0.25)
+        return ds.map_batches(_on_ray(ClassifyAndEmbed, writes=True), fn_constructor_kwargs=dict(
+            write_to=write_to, classifier=config.classifier, embedder=config.embedder, top_n=config.top_n,
+            device=device, precision=config.precision, embedding_dtype=config.embedding_dtype, threads=threads),
+            **model_args)
+    ds = ds.map_batches(_on_ray(ClassifyImages), fn_constructor_kwargs=dict(
+        classifier=config.classifier, top_n=config.top_n, device=device, precision=config.precision,
+        threads=threads), **model_args)
+    return ds.map_batches(_on_ray(EmbedImages, writes=True), fn_constructor_kwargs=dict(
+        write_to=write_to, embedder=config.embedder, device=device, precision=config.precision,
+        embedding_dtype=config.embedding_dtype, threads=threads), **model_args)
 
 
-def _on_ray(stage: type) -> type:
-    """Subclass of a model stage that also records which node and GPUs each batch ran on."""
+def _on_ray(stage: type, writes: bool = False) -> type:
+    """Subclass of a model stage that records which node and GPUs each batch ran on and, for the
+    last model stage, writes the batch's part itself.
+
+    Writing in the actor persists every batch as soon as it is computed (separate write tasks
+    would wait for free CPUs, which the decode tasks hold until the input runs out, so an
+    interrupted run would lose everything) and keeps the embeddings out of the object store.
+    """
 
     class OnRay(stage):
-        def __init__(self, **kwargs) -> None:
+        def __init__(self, write_to: dict | None = None, **kwargs) -> None:
             import ray
 
             super().__init__(**kwargs)
             context = ray.get_runtime_context()
             self._where = f"{context.get_node_id()[:8]}/gpu{','.join(map(str, ray.get_gpu_ids())) or '-'}"
+            self._write = WriteParts(**write_to) if write_to else None
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = super().__call__(batch)
+            if not out:
+                return out
             out["worker"] = np.full(len(out["id"]), self._where, dtype=object)
-            return out
+            return self._write(out) if self._write else out
 
-    OnRay.__name__ = OnRay.__qualname__ = stage.__name__
+    OnRay.__name__ = OnRay.__qualname__ = stage.__name__ + ("AndWrite" if writes else "")
     return OnRay
 
 
