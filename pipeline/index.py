@@ -406,6 +406,7 @@ class ShardedIndex:
         self._shards = {s.number: s for s in shards}
         self.shard_numbers = sorted(self._shards)
         self._class_map = {int(c): tuple(v) for c, v in manifest["classes"].items()}
+        self._positions: dict[int, tuple[int, int]] | None = None  # id -> (shard, position), built on first lookup
 
     @property
     def dim(self) -> int:
@@ -453,6 +454,14 @@ class ShardedIndex:
             entry = manifest["shards"][number]
             loaded.append(_load_shard(root / entry["path"], number, entry, verify, gpu))
         return cls(root, manifest, loaded)
+
+    def lookup(self, image_id: int) -> Hit | None:
+        """The gallery image with this id (score 1.0), or None when no loaded shard holds it."""
+        if self._positions is None:
+            self._positions = {int(i): (number, p) for number, shard in self._shards.items()
+                               for p, i in enumerate(shard.ids)}
+        where = self._positions.get(int(image_id))
+        return None if where is None else self._shards[where[0]].hit(where[1], 1.0)
 
     def owns_class(self, cls: int) -> bool:
         """Whether the class's images are in a shard loaded here."""

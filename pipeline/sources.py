@@ -237,3 +237,34 @@ def _read_parquet(shard: Shard) -> Iterator[Item]:
             target = str(rows[path_col][i])
             fs_i, path_i, uri_i = resolve(target)
             yield _read_file(fs_i, path_i, uri_i, label)
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes of one image by the ``uri`` the job recorded for it: a file, ``file.tar#member`` or
+    ``file.parquet#row``.
+
+    Raises:
+        FileNotFoundError: the file, member or row does not exist.
+    """
+    base, sep, member = uri.partition("#")
+    fs, path, _ = resolve(base)
+    if not sep:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    if base.endswith(".tar"):
+        with fs.open_input_stream(path) as stream:
+            archive = tarfile.open(fileobj=io.BytesIO(stream.read()), mode="r:*")
+        try:
+            return archive.extractfile(archive.getmember(member)).read()
+        except KeyError:
+            raise FileNotFoundError(f"{base} has no member {member!r}") from None
+    if base.endswith(".parquet") and member.isdigit():
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        row = int(member)
+        if row >= table.num_rows:
+            raise FileNotFoundError(f"{base} has no row {row}")
+        column = next(c for c in _BYTES_COLUMNS if c in table.column_names)
+        value = table.column(column)[row].as_py()
+        return value.get("bytes") if isinstance(value, dict) else value
+    raise FileNotFoundError(f"cannot resolve image uri {uri!r}")

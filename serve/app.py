@@ -1,0 +1,322 @@
+"""The online similarity search service: a Ray Serve graph over the `pipeline` library.
+
+    Ingress (FastAPI) -> Detector (optional crop) -> Classifier + Embedder -> Retriever(s) -> merge
+
+Run it with ``serve run serve/config.yaml`` or ``serve run serve.app:build_app index=out/demo-index``.
+The ingress decodes each upload once (exactly as the gallery was decoded), the model deployments
+batch concurrent requests (``@serve.batch``), and each retriever owns some of the index's shards.
+"""
+
+
+import asyncio
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode_image, resize_image
+from pipeline.index import ShardedIndex
+from pipeline.models import CropPolicy, crop_image
+
+logger = logging.getLogger("serve.app")
+PAGE = Path(__file__).with_name("page.html")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Typed arguments of the application (``args`` in serve/config.yaml).
+
+    Attributes:
+        index: the index folder (from ``jobs.build_index``).
+        classifier: classifier spec; must equal the index's (default: the index's).
+        embedder: embedder spec; must equal the index's (default: the index's).
+        detector: torchvision detector spec for the optional crop, or None (no detector: no crop).
+        crop: default crop policy, ``auto`` (crop when a box qualifies) or ``off``.
+        top_n: predicted classes searched in class mode.
+        retriever_shards: shard numbers of each retriever deployment; default one retriever with all.
+        max_body_mb: largest accepted upload.
+        max_batch_size: most requests a model deployment batches into one forward pass.
+        batch_wait_timeout_s: how long a model deployment waits to fill a batch.
+    """
+
+    index: str
+    classifier: str | None = None
+    embedder: str | None = None
+    detector: str | None = None
+    crop: str = "off"
+    top_n: int = 1
+    retriever_shards: list[list[int]] | None = None
+    max_body_mb: float = 20.0
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    device: str = "auto"
+    crop_policy: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("auto", "off"):
+            raise ValueError(f"crop must be auto or off, got {self.crop!r}")
+        if self.top_n < 1 or self.max_batch_size < 1 or self.max_body_mb <= 0 or self.batch_wait_timeout_s < 0:
+            raise ValueError("top_n and max_batch_size must be >= 1, max_body_mb > 0, batch_wait_timeout_s >= 0")
+        CropPolicy(**self.crop_policy)
+
+
+def _preprocess(manifest: dict, role: str) -> Preprocess:
+    cfg = manifest["models"][role]["preprocess"]
+    return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Model and index deployments (thin: each holds a pipeline object)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Classifier:
+    """Top classes with probabilities for images already resized to the classifier's input."""
+
+    def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        from pipeline.models import load_classifier, select_runtime
+
+        self.model = load_classifier(spec, select_runtime(device))
+        self.classify.set_max_batch_size(max_batch_size)
+        self.classify.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def classify(self, images: list[np.ndarray]) -> list[list[dict]]:
+        indices, probs = self.model.classify(np.stack(images), top_n=5)
+        labels = self.model.labels
+        return [[{"index": int(i), "synset": labels.id_of(int(i)), "name": labels.name_of(int(i)),
+                  "probability": round(float(p), 4)} for i, p in zip(row_i, row_p)]
+                for row_i, row_p in zip(indices, probs)]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Embedder:
+    """L2-normalised embeddings of images (and texts, for CLIP models)."""
+
+    def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        from pipeline.models import load_embedder, select_runtime
+
+        self.model = load_embedder(spec, select_runtime(device))
+        for method in (self.embed, self.embed_text):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def has_text(self) -> bool:
+        return self.model.has_text
+
+    @serve.batch
+    async def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return list(self.model.embed_images(np.stack(images)))
+
+    @serve.batch
+    async def embed_text(self, texts: list[str]) -> list[np.ndarray]:
+        return list(self.model.embed_texts(texts))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Detector:
+    """The crop box ("largest box near the centre") of an image, or None."""
+
+    def __init__(self, spec: str, device: str, policy: dict, max_batch_size: int,
+                 batch_wait_timeout_s: float) -> None:
+        from pipeline.models import load_detector, select_runtime
+
+        self.model = load_detector(spec, select_runtime(device), policy=CropPolicy(**policy))
+        self.crop_box.set_max_batch_size(max_batch_size)
+        self.crop_box.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def crop_box(self, images: list[np.ndarray]) -> list[tuple[int, int, int, int] | None]:
+        return self.model.crop_boxes(images)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class Retriever:
+    """Owns some shards of the index and answers searches over them."""
+
+    def __init__(self, index: str, shards: list[int] | None, expect_models: dict[str, str]) -> None:
+        self.index = ShardedIndex.load(index, shards=shards, expect_models=expect_models)
+
+    def search(self, vector: np.ndarray, classes: list[int], k: int, mode: str,
+               min_score: float | None) -> list[dict]:
+        if mode == "class":
+            hits = self.index.search_class(vector[None], [classes], k, min_score=min_score)[0]
+        else:
+            hits = self.index.search_global(vector[None], k, min_score=min_score)[0]
+        return [h.to_json() for h in hits]
+
+    def lookup(self, image_id: int) -> dict | None:
+        hit = self.index.lookup(image_id)
+        return None if hit is None else hit.to_json()
+
+
+# --------------------------------------------------------------------------------------------
+# Ingress
+
+
+app = FastAPI(title="lookalike", description="Find the gallery images most similar to a query image.")
+
+
+async def _read_upload(request: Request, limit: int) -> bytes:
+    """The image from a raw body or the first file of a multipart form; 413 past ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartParser
+
+        async def replay():
+            yield bytes(body)
+
+        form = await MultiPartParser(request.headers, replay()).parse()
+        files = [v for v in form.values() if isinstance(v, UploadFile)]
+        if not files:
+            raise HTTPException(400, "multipart body has no file field")
+        return await files[0].read()
+    return bytes(body)
+
+
+# Small CPU requests by default so the whole graph fits a 2-CPU machine; serve/config.yaml sets
+# the production sizes (and GPU fractions).
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class Ingress:
+    """HTTP front: decodes, optionally crops, fans out to the model and retriever deployments."""
+
+    def __init__(self, config: dict, manifest: dict, classifier: DeploymentHandle, embedder: DeploymentHandle,
+                 retrievers: list[DeploymentHandle], detector: DeploymentHandle | None = None) -> None:
+        self.config = AppConfig(**config)
+        self.manifest = manifest
+        self.classifier, self.embedder, self.detector, self.retrievers = classifier, embedder, detector, retrievers
+        self.cls_pre, self.emb_pre = _preprocess(manifest, "classifier"), _preprocess(manifest, "embedder")
+        self.max_pixels = int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self.limit = int(self.config.max_body_mb * 2**20)
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        if not data:
+            raise ImageDecodeError("empty", "the request has no image")
+        draft = max(self.cls_pre.draft_size, self.emb_pre.draft_size)
+        return decode_image(data, max_pixels=self.max_pixels, draft_size=draft)
+
+    async def _merge(self, vector: np.ndarray, classes: list[int], k: int, mode: str,
+                     min_score: float | None) -> list[dict]:
+        answers = await asyncio.gather(*(r.search.remote(vector, classes, k, mode, min_score)
+                                         for r in self.retrievers))
+        merged = [hit for answer in answers for hit in answer]
+        merged.sort(key=lambda h: -h["score"])
+        for hit in merged[:k]:
+            hit["thumbnail"] = f"/images/{hit['id']}"
+        return merged[:k]
+
+    @app.post("/search")
+    async def search(self, request: Request, k: int = Query(5, ge=1, le=100),
+                     mode: Literal["class", "global"] = "class", crop: Literal["auto", "off"] | None = None,
+                     min_score: float | None = Query(None, ge=-1.0, le=1.0)) -> JSONResponse:
+        """Upload an image (raw body or a multipart file field); get its classes and similar images."""
+        data = await _read_upload(request, self.limit)
+        try:
+            image = await asyncio.to_thread(self._decode, data)
+        except ImageDecodeError as exc:
+            raise HTTPException(400, f"cannot decode the image: {exc}") from None
+        box, size = None, list(image.shape[:2])
+        if (crop or self.config.crop) == "auto" and self.detector is not None:
+            box = await self.detector.crop_box.remote(image)
+            image = crop_image(image, box)
+        cls_img, emb_img = await asyncio.to_thread(
+            lambda: (resize_image(image, self.cls_pre), resize_image(image, self.emb_pre)))
+        classes, vector = await asyncio.gather(self.classifier.classify.remote(cls_img),
+                                               self.embedder.embed.remote(emb_img))
+        hits = await self._merge(vector, [c["index"] for c in classes[: self.config.top_n]], k, mode, min_score)
+        return JSONResponse({"mode": mode, "crop_box": list(box) if box else None, "image_size": size,
+                             "classes": classes, "results": hits})
+
+    @app.post("/search/text")
+    async def search_text(self, q: str = Query(..., min_length=1, max_length=500),
+                          k: int = Query(5, ge=1, le=100),
+                          min_score: float | None = Query(None, ge=-1.0, le=1.0)) -> JSONResponse:
+        """Text-to-image search over the whole gallery (CLIP embedders only)."""
+        if not await self.embedder.has_text.remote():
+            raise HTTPException(501, "this index's embedder has no text tower; text search needs a CLIP embedder")
+        vector = await self.embedder.embed_text.remote(q)
+        return JSONResponse({"mode": "global", "query": q, "results": await self._merge(vector, [], k, "global",
+                                                                                          min_score)})
+
+    @app.get("/images/{image_id}")
+    async def image(self, image_id: int, size: int = Query(256, ge=16, le=1024)) -> Response:
+        """A JPEG thumbnail of a gallery image, by id (never by a path from the client)."""
+        found = [h for h in await asyncio.gather(*(r.lookup.remote(image_id) for r in self.retrievers)) if h]
+        if not found:
+            raise HTTPException(404, f"no gallery image with id {image_id}")
+        from pipeline.sources import read_uri
+
+        def thumbnail() -> bytes:
+            from PIL import Image
+
+            pil = Image.fromarray(decode_image(read_uri(found[0]["uri"]), draft_size=size))
+            pil.thumbnail((size, size))
+            out = io.BytesIO()
+            pil.save(out, format="JPEG", quality=85)
+            return out.getvalue()
+
+        try:
+            return Response(await asyncio.to_thread(thumbnail), media_type="image/jpeg")
+        except (OSError, ImageDecodeError) as exc:
+            raise HTTPException(500, f"gallery image {image_id} cannot be read: {exc}") from None
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness: the ingress answers and knows its index."""
+        return {"status": "ok", "index_rows": self.manifest["rows"], "retrievers": len(self.retrievers),
+                "models": {role: m["spec"] for role, m in self.manifest["models"].items()}}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        """The web page: drop an image, see its classes and the most similar images."""
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application from typed arguments (``serve run serve.app:build_app index=...``).
+
+    Raises:
+        ValueError: model overrides that differ from the index's models (refused at start).
+        FileNotFoundError: no index.
+    """
+    config = AppConfig(**{k: v for k, v in args.items()})
+    index = Path(config.index).expanduser().resolve()
+    manifest_path = index / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found; build the index first (make demo builds out/demo-index)")
+    manifest = json.loads(manifest_path.read_text())
+    specs = {role: manifest["models"][role]["spec"] for role in ("classifier", "embedder")}
+    for role, override in (("classifier", config.classifier), ("embedder", config.embedder)):
+        if override and override != specs[role]:
+            raise ValueError(f"{role} {override!r} differs from the index's {specs[role]!r}; "
+                             f"queries must be embedded like the gallery — rebuild the index or drop the override")
+    shards = config.retriever_shards or [list(range(len(manifest["shards"])))]
+    covered = sorted(s for group in shards for s in group)
+    if covered != list(range(len(manifest["shards"]))):
+        raise ValueError(f"retriever_shards must cover shards 0..{len(manifest['shards']) - 1} once each, got {shards}")
+    batching = dict(max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_timeout_s)
+    classifier = Classifier.bind(specs["classifier"], config.device, **batching)
+    embedder = Embedder.bind(specs["embedder"], config.device, **batching)
+    retrievers = [Retriever.options(name=f"Retriever{i}").bind(str(index), group, specs)
+                  for i, group in enumerate(shards)]
+    detector = Detector.bind(config.detector, config.device, config.crop_policy, **batching) \
+        if config.detector else None
+    resolved = asdict(config) | {"index": str(index)}
+    return Ingress.bind(resolved, manifest, classifier, embedder, retrievers, detector)

@@ -1,0 +1,122 @@
+"""The Ray Serve graph end to end on 127.0.0.1 with tiny models and a small index."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import requests
+from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders
+from PIL import Image
+
+from jobs.embed import EmbedConfig, run
+from pipeline.index import build_index
+from pipeline.search import QueryEngine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    from ray import serve
+
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    made = make_class_folders(root / "data", classes=3, per_class=5)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    run(EmbedConfig(inputs=(str(root / "data"),), output=str(root / "emb"), classifier=TINY_CLASSIFIER,
+                    embedder=TINY_CLIP_SPEC, batch_size=4, top_n=3))
+    build_index(root / "emb", root / "index")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4}),
+              name="lookalike", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "index": root / "index", "images": made["good"]}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(service, data: bytes, **params) -> requests.Response:
+    return requests.post(f"{service['url']}/search", params=params, data=data, timeout=60)
+
+
+def test_health_and_page(service) -> None:
+    health = requests.get(f"{service['url']}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["index_rows"] == 15
+    page = requests.get(service["url"] + "/", timeout=30)
+    assert page.status_code == 200 and "lookalike" in page.text and "/search" in page.text
+    assert "/search" in requests.get(f"{service['url']}/openapi.json", timeout=30).json()["paths"]
+
+
+@pytest.mark.parametrize("mode", ["class", "global"])
+def test_results_equal_the_offline_query_cli(service, mode: str) -> None:
+    engine = QueryEngine.load(str(service["index"]))
+    for path in service["images"][::4]:
+        data = path.read_bytes()
+        response = post(service, data, k=4, mode=mode)
+        assert response.status_code == 200, response.text
+        online = response.json()
+        offline = engine.search([data], k=4, mode=mode)[0].to_json()
+        assert [h["id"] for h in online["results"]] == [h["id"] for h in offline["results"]]
+        np.testing.assert_allclose([h["score"] for h in online["results"]],
+                                   [h["score"] for h in offline["results"]], atol=1e-5)
+        assert online["classes"] == offline["classes"]
+        assert online["results"][0]["uri"] == str(path)  # a gallery image finds itself first
+
+
+def test_multipart_upload(service) -> None:
+    path = service["images"][2]
+    files = {"image": ("photo.jpg", path.read_bytes(), "image/jpeg")}
+    response = requests.post(f"{service['url']}/search", files=files, params={"k": 2}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["uri"] == str(path)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_bad_input_gets_its_status_and_the_service_carries_on(service) -> None:
+    good = service["images"][0].read_bytes()
+    cases = [(b"", 400, "empty"), (b"this is not an image", 400, "not an image"),
+             (good[: len(good) // 3], 400, "truncated"), (png_claiming(40000, 40000), 400, "too large"),
+             (b"<svg xmlns='http://www.w3.org/2000/svg'></svg>", 400, "unsupported format")]
+    for data, status, reason in cases:
+        response = post(service, data)
+        assert response.status_code == status, (reason, response.text)
+        assert reason in response.json()["detail"]
+    too_big = np.random.default_rng(0).integers(0, 256, 400_000, dtype=np.uint8).tobytes()
+    assert post(service, too_big).status_code == 413
+    for params in ({"k": 0}, {"k": "many"}, {"mode": "everything"}, {"crop": "maybe"}, {"min_score": 3}):
+        assert post(service, good, **params).status_code == 422, params
+    assert post(service, good).status_code == 200
+
+
+def test_thumbnails_by_id_only(service) -> None:
+    hit = post(service, service["images"][1].read_bytes(), k=1).json()["results"][0]
+    thumb = requests.get(service["url"] + hit["thumbnail"], params={"size": 32}, timeout=30)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 32
+    assert requests.get(f"{service['url']}/images/12345", timeout=30).status_code == 404
+    assert requests.get(f"{service['url']}/images/..%2F..%2Fetc%2Fpasswd", timeout=30).status_code in (404, 422)
+
+
+def test_text_search_with_a_clip_embedder(service) -> None:
+    response = requests.post(f"{service['url']}/search/text", params={"q": "a photo of a cat", "k": 3}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 3
+    assert requests.post(f"{service['url']}/search/text", params={"q": ""}, timeout=30).status_code == 422
