@@ -296,6 +296,169 @@ def print_index(results: dict) -> None:
         print(f"{row['nprobe']:<20}{row['qps']:>10.1f}{row['recall_at_10']:>11.4f}{row['speedup_vs_exact']:>9.1f}")
 
 
+def _load(url: str, payloads: list[bytes], concurrency: int, requests_total: int, seconds: float,
+          params: dict | None = None) -> dict:
+    """A bounded closed-loop load on one URL: at most ``requests_total`` requests or ``seconds``."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests_total))
+    deadline = time.perf_counter() + seconds
+
+    def worker() -> None:
+        session = requests.Session()
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            t0 = time.perf_counter()
+            try:
+                response = session.post(url, params=params, data=payloads[i % len(payloads)], timeout=60)
+                ok = response.status_code == 200
+                reason = f"HTTP {response.status_code}"
+            except requests.RequestException as exc:
+                ok, reason = False, type(exc).__name__
+            with lock:
+                (latencies.append(time.perf_counter() - t0) if ok else failures.append(reason))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(concurrency):
+            pool.submit(worker)
+    wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {"concurrency": concurrency, "requests": len(latencies), "failed": len(failures),
+            "failure_kinds": sorted(set(failures)), "qps": round(len(latencies) / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def _direct(engine, payloads: list[bytes], concurrency: int, requests_total: int) -> dict:
+    """The same query path called in this process (no HTTP, no Serve), ``concurrency`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> float:
+        t0 = time.perf_counter()
+        engine.search([payloads[i % len(payloads)]], k=5)
+        return time.perf_counter() - t0
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, range(requests_total)))
+    wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"concurrency": concurrency, "requests": requests_total, "qps": round(requests_total / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def _replicas(app: str = "lookalike") -> dict[str, int]:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments
+    return {name: sum(d.replica_states.values()) if d.replica_states else 0 for name, d in status.items()}
+
+
+def bench_serve(args: argparse.Namespace) -> dict:
+    """Graph vs direct calls, batching on vs off, a soak with a replica killed, autoscaling."""
+    import socket
+    import threading
+
+    import ray
+    from ray import serve
+
+    from pipeline.models import select_runtime
+    from pipeline.search import QueryEngine
+    from serve.app import build_app
+
+    payloads = [p.read_bytes() for p in sorted(Path(args.images).glob("*")) if p.is_file()][: args.payloads]
+    payloads += [p.read_bytes() for p in sorted(Path(args.images).rglob("*.png"))[: max(0, args.payloads - len(payloads))]]
+    results: dict = {"index": args.index, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                     "payloads": len(payloads)}
+    engine = QueryEngine.load(args.index, runtime=select_runtime("cpu"))
+    engine.search(payloads[:1])  # warm-up
+    results["direct"] = [_direct(engine, payloads, c, args.requests) for c in (1, 8)]
+    del engine
+
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/search"
+    results["graph"] = {}
+    for label, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
+        serve.run(build_app({"index": args.index, "max_batch_size": batch}), name="lookalike", route_prefix="/")
+        _load(url, payloads, 1, 5, 60)  # warm-up
+        levels = (1, 8, 32) if label == "batched" else (8,)
+        results["graph"][label] = [_load(url, payloads, c, args.requests, args.seconds) for c in levels]
+        serve.delete("lookalike")
+
+    # Autoscaling and a replica killed mid-run: a longer soak at concurrency 32.
+    serve.run(_autoscaling_app(args), name="lookalike", route_prefix="/")
+    _load(url, payloads, 1, 5, 60)
+    seen: dict[str, int] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for name, n in _replicas().items():
+                seen[name] = max(seen.get(name, 0), n)
+            time.sleep(1)
+
+    def kill_one() -> None:
+        time.sleep(args.soak / 2)
+        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Classifier" in a["name"]]
+        if actors:
+            ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+            results["killed_replica"] = actors[0]["name"]
+
+    watcher, killer = threading.Thread(target=watch), threading.Thread(target=kill_one)
+    before = _replicas()
+    watcher.start(), killer.start()
+    results["soak"] = _load(url, payloads, 32, 10**9, args.soak)
+    killer.join()
+    results["replicas_before"], results["replicas_max_during"] = before, dict(seen)
+    time.sleep(args.cooldown)
+    stop.set()
+    watcher.join()
+    results["replicas_after_cooldown"] = _replicas()
+    serve.shutdown()
+    ray.shutdown()
+    return results
+
+
+def _autoscaling_app(args: argparse.Namespace):
+    """The demo app with autoscaling model deployments (serve/config.yaml sets them the same way)."""
+    from serve.app import build_app
+
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+               "upscale_delay_s": 2, "downscale_delay_s": 10}
+    return build_app({"index": args.index, "max_batch_size": args.max_batch_size, "model_autoscaling": scaling})
+
+
+def print_serve(results: dict) -> None:
+    print(f"\nserve benchmark: index {results['index']} ({results['machine']}), loopback HTTP")
+    print(f"{'':<28}{'conc.':>6}{'QPS':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    for row in results["direct"]:
+        print(f"{'direct (one process)':<28}{row['concurrency']:>6}{row['qps']:>8}{row['p50_ms']:>9}"
+              f"{row['p95_ms']:>9}{row['p99_ms']:>9}{'-':>8}")
+    for label, rows in results["graph"].items():
+        for row in rows:
+            print(f"{'graph, ' + label:<28}{row['concurrency']:>6}{row['qps']:>8}{row['p50_ms']:>9}"
+                  f"{row['p95_ms']:>9}{row['p99_ms']:>9}{row['failed']:>8}")
+    soak = results["soak"]
+    print(f"{'soak (replica killed)':<28}{soak['concurrency']:>6}{soak['qps']:>8}{soak['p50_ms']:>9}"
+          f"{soak['p95_ms']:>9}{soak['p99_ms']:>9}{soak['failed']:>8}")
+    print(f"killed: {results.get('killed_replica', 'none')}; failure kinds: {soak['failure_kinds'] or 'none'}")
+    print(f"replicas before {results['replicas_before']}, max during {results['replicas_max_during']}, "
+          f"after cool-down {results['replicas_after_cooldown']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="area", required=True)
@@ -327,9 +490,22 @@ def main(argv: list[str] | None = None) -> int:
     index.add_argument("--seed", type=int, default=0)
     index.add_argument("--scratch", help="folder for the temporary gallery and index (default: system temp)")
     index.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    srv = sub.add_parser("serve", help="the Ray Serve graph under a bounded loopback load")
+    srv.add_argument("--index", required=True, help="index folder (e.g. out/demo-index from make demo)")
+    srv.add_argument("--images", required=True, help="folder of query images (e.g. out/demo-data)")
+    srv.add_argument("--payloads", type=int, default=20, help="distinct query images to cycle through")
+    srv.add_argument("--requests", type=int, default=200, help="most requests per measurement")
+    srv.add_argument("--seconds", type=float, default=60, help="most seconds per measurement")
+    srv.add_argument("--soak", type=float, default=120, help="seconds of the soak with a replica killed")
+    srv.add_argument("--cooldown", type=float, default=30, help="idle seconds before counting replicas again")
+    srv.add_argument("--max-batch-size", type=int, default=16)
+    srv.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.area == "batch":
+    if args.area == "serve":
+        results = bench_serve(args)
+        print_serve(results)
+    elif args.area == "batch":
         if args.limit < 1 or args.batch_size < 1:
             parser.error("--limit and --batch-size must be >= 1")
         results = bench_batch(args)

@@ -45,6 +45,9 @@ class AppConfig:
         max_body_mb: largest accepted upload.
         max_batch_size: most requests a model deployment batches into one forward pass.
         batch_wait_timeout_s: how long a model deployment waits to fill a batch.
+        device: model device in the replicas (``auto``, ``cpu``, ``cuda``).
+        crop_policy: thresholds of :class:`pipeline.models.CropPolicy`.
+        model_autoscaling: an ``autoscaling_config`` for the classifier and embedder deployments.
     """
 
     index: str
@@ -59,6 +62,7 @@ class AppConfig:
     batch_wait_timeout_s: float = 0.005
     device: str = "auto"
     crop_policy: dict = field(default_factory=dict)
+    model_autoscaling: dict | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in ("auto", "off"):
@@ -77,7 +81,7 @@ def _preprocess(manifest: dict, role: str) -> Preprocess:
 # Model and index deployments (thin: each holds a pipeline object)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Classifier:
     """Top classes with probabilities for images already resized to the classifier's input."""
 
@@ -97,7 +101,7 @@ class Classifier:
                 for row_i, row_p in zip(indices, probs)]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Embedder:
     """L2-normalised embeddings of images (and texts, for CLIP models)."""
 
@@ -121,7 +125,7 @@ class Embedder:
         return list(self.model.embed_texts(texts))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Detector:
     """The crop box ("largest box near the centre") of an image, or None."""
 
@@ -138,7 +142,7 @@ class Detector:
         return self.model.crop_boxes(images)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Retriever:
     """Owns some shards of the index and answers searches over them."""
 
@@ -192,7 +196,8 @@ async def _read_upload(request: Request, limit: int) -> bytes:
 
 # Small CPU requests by default so the whole graph fits a 2-CPU machine; serve/config.yaml sets
 # the production sizes (and GPU fractions).
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+# max_ongoing_requests: Serve's default (5) would cap every model batch at 5 requests.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
     """HTTP front: decodes, optionally crops, fans out to the model and retriever deployments."""
@@ -312,8 +317,11 @@ def build_app(args: dict) -> serve.Application:
     if covered != list(range(len(manifest["shards"]))):
         raise ValueError(f"retriever_shards must cover shards 0..{len(manifest['shards']) - 1} once each, got {shards}")
     batching = dict(max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_timeout_s)
-    classifier = Classifier.bind(specs["classifier"], config.device, **batching)
-    embedder = Embedder.bind(specs["embedder"], config.device, **batching)
+    # A deployment's settings in serve/config.yaml override these; model_autoscaling is for
+    # `serve run serve.app:build_app ...` and the benchmarks.
+    scaled = {"autoscaling_config": config.model_autoscaling} if config.model_autoscaling else {}
+    classifier = Classifier.options(**scaled).bind(specs["classifier"], config.device, **batching)
+    embedder = Embedder.options(**scaled).bind(specs["embedder"], config.device, **batching)
     retrievers = [Retriever.options(name=f"Retriever{i}").bind(str(index), group, specs)
                   for i, group in enumerate(shards)]
     detector = Detector.bind(config.detector, config.device, config.crop_policy, **batching) \

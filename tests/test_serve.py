@@ -15,7 +15,7 @@ from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders
 from PIL import Image
 
 from jobs.embed import EmbedConfig, run
-from pipeline.index import build_index
+from pipeline.index import IndexConfig, build_index
 from pipeline.search import QueryEngine
 
 
@@ -36,10 +36,14 @@ def service(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     run(EmbedConfig(inputs=(str(root / "data"),), output=str(root / "emb"), classifier=TINY_CLASSIFIER,
                     embedder=TINY_CLIP_SPEC, batch_size=4, top_n=3))
-    build_index(root / "emb", root / "index")
+    # Small shards, split over two retriever deployments: the ingress must merge their top-k.
+    manifest = build_index(root / "emb", root / "index", IndexConfig(shard_size=5))
+    shards = list(range(len(manifest["shards"])))
+    assert len(shards) >= 2
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4}),
+    serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4,
+                         "retriever_shards": [shards[:1], shards[1:]]}),
               name="lookalike", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "index": root / "index", "images": made["good"]}
     serve.shutdown()
@@ -52,7 +56,7 @@ def post(service, data: bytes, **params) -> requests.Response:
 
 def test_health_and_page(service) -> None:
     health = requests.get(f"{service['url']}/healthz", timeout=30).json()
-    assert health["status"] == "ok" and health["index_rows"] == 15
+    assert health["status"] == "ok" and health["index_rows"] == 15 and health["retrievers"] == 2
     page = requests.get(service["url"] + "/", timeout=30)
     assert page.status_code == 200 and "lookalike" in page.text and "/search" in page.text
     assert "/search" in requests.get(f"{service['url']}/openapi.json", timeout=30).json()["paths"]
@@ -119,3 +123,12 @@ def test_text_search_with_a_clip_embedder(service) -> None:
     assert response.status_code == 200, response.text
     assert len(response.json()["results"]) == 3
     assert requests.post(f"{service['url']}/search/text", params={"q": ""}, timeout=30).status_code == 422
+
+
+def test_model_overrides_that_differ_from_the_index_are_refused(service) -> None:
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="differs from the index"):
+        build_app({"index": str(service["index"]), "embedder": TINY_CLASSIFIER})
+    with pytest.raises(ValueError, match="cover shards"):
+        build_app({"index": str(service["index"]), "retriever_shards": [[0]]})
