@@ -48,15 +48,9 @@ class QueryEngine:
     def load(cls, index_dir: str, *, runtime: Runtime | None = None, top_n: int = 1,
              verify: bool = True) -> "QueryEngine":
         """Loads the index and the models its manifest names."""
-        import json
-        from pathlib import Path
-
-        manifest = json.loads((Path(index_dir) / "manifest.json").read_text()) \
-            if (Path(index_dir) / "manifest.json").is_file() else None
-        if manifest is None:
-            raise FileNotFoundError(f"{index_dir}/manifest.json not found; build an index with `python -m jobs.build_index`")
+        index = ShardedIndex.load(index_dir, verify=verify)
+        manifest = index.manifest
         specs = {role: manifest["models"][role]["spec"] for role in ("classifier", "embedder")}
-        index = ShardedIndex.load(index_dir, expect_models=specs, verify=verify)
         runtime = runtime or select_runtime()
         return cls(index, load_classifier(specs["classifier"], runtime), load_embedder(specs["embedder"], runtime),
                    top_n=top_n, max_pixels=int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)))
