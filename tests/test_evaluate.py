@@ -1,0 +1,111 @@
+"""The evaluation end to end (embedding job, index, query engine) and Ray Train fine-tuning, on one
+module-scoped local Ray with tiny models and generated labelled images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders
+from PIL import Image
+
+from jobs.evaluate import main as evaluate_main
+from jobs.evaluate import split
+from jobs.train_triplet import main as train_main
+from pipeline.grids import grid_size
+from pipeline.images import decode_image, resize_image
+from pipeline.models import load_embedder
+
+TINY_DETECTOR = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@random"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_split_is_stratified_seeded_and_checked() -> None:
+    labels = ["a"] * 5 + ["b"] * 4 + ["c"] * 3
+    queries, gallery = split(labels, 2, seed=3)
+    assert sorted(np.array(labels)[queries].tolist()) == ["a", "a", "b", "b", "c", "c"]
+    assert set(queries).isdisjoint(gallery) and len(queries) + len(gallery) == 12
+    np.testing.assert_array_equal(split(labels, 2, seed=3)[0], queries)
+    with pytest.raises(ValueError, match="class 'c' has 3 images"):
+        split(labels, 3, seed=0)
+
+
+def reference_map(out: Path, query_paths: list[str], query_labels: list[str], k: int) -> float:
+    """mAP@k of exact global search, computed here from the job's gallery rows and a fresh embedder."""
+    parts = sorted(out.glob("runs/*/embedding-job/embeddings/*.parquet"))
+    rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+    gallery = np.array([r["embedding"] for r in rows], dtype=np.float32)
+    labels = [r["label"] for r in rows]
+    embedder = load_embedder(TINY_CLIP_SPEC)
+    images = np.stack([resize_image(decode_image(Path(p).read_bytes()), embedder.preprocess) for p in query_paths])
+    scores = embedder.embed_images(images) @ gallery.T
+    aps = []
+    for q, label in enumerate(query_labels):
+        ranked = [labels[i] for i in np.argsort(-scores[q])[:k]]
+        relevant = labels.count(label)
+        hits, total = 0, 0.0
+        for i, got in enumerate(ranked, 1):
+            if got == label:
+                hits += 1
+                total += hits / i
+        aps.append(total / min(k, relevant))
+    return float(np.mean(aps))
+
+
+def test_evaluation_end_to_end_with_finetuning_crop_and_grids(tmp_path: Path, capsys) -> None:
+    make_class_folders(tmp_path / "data", classes=3, per_class=6)
+    out = tmp_path / "eval"
+    common = ["--data", str(tmp_path / "data"), "--output", str(out), "--queries-per-class", "2",
+              "--classifier", TINY_CLASSIFIER, "--embedder", TINY_CLIP_SPEC, "--batch-size", "4", "--top-n", "2"]
+    assert evaluate_main(common) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert [r["strategy"] for r in first["rows"]] == ["global", "class@1", "class@2"]
+    split_info = json.loads((out / "split.json").read_text())
+    assert len(split_info["queries"]) == 6 and len(split_info["gallery"]) == 12
+    assert len(list((out / "gallery").glob("*/*"))) == 12      # the gallery split, for jobs.train_triplet
+    query_labels = [Path(p).parent.name for p in split_info["queries"]]
+    expected = reference_map(out, split_info["queries"], query_labels, 5)
+    assert first["rows"][0]["mAP@5"] == pytest.approx(expected, abs=1e-4)
+    for row in first["rows"]:
+        assert 0.0 <= row["mAP@1"] <= 1.0 and row["queries_per_s"] > 0 and len(row["worst_classes"]) == 3
+
+    # Fine-tune on the gallery split only (queries stay held out), as a Ray Train job with two workers.
+    assert train_main(["--data", str(out / "gallery"), "--output", str(tmp_path / "triplet"),
+                       "--backbone", TINY_CLASSIFIER, "--dim", "16", "--input-size", "32", "--classes-per-batch", "2",
+                       "--per-class", "2", "--steps", "4", "--ray", "--num-workers", "2"]) == 0
+    spec = json.loads((tmp_path / "triplet" / "summary.json").read_text())["embedder"]
+    assert spec.startswith("timm:test_efficientnet@") and spec.endswith("embedder.safetensors")
+    capsys.readouterr()
+
+    assert evaluate_main([*common, "--finetuned", spec, "--detector", TINY_DETECTOR, "--crop-min-score", "0",
+                          "--grids", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| embedder | crop | strategy | mAP@1 | mAP@3 | mAP@5 |" in printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["embedder"], r["crop"], r["strategy"]): r for r in results["rows"]}
+    assert len(rows) == 12   # 2 embedders x crop off/on x 3 strategies
+    # The pretrained index was reused, so its rows are unchanged.
+    assert rows[("pretrained", "off", "global")]["mAP@5"] == first["rows"][0]["mAP@5"]
+    assert len(list((out / "runs").iterdir())) == 2
+    assert (out / "results.md").read_text().count("\n| finetuned |") == 6
+    assert results["grids"] and all(Image.open(p).size == grid_size(5) for p in results["grids"])
+
+
+def test_bad_evaluation_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    assert evaluate_main(["--data", str(tmp_path / "one"), "--output", str(tmp_path / "o")]) == 2
+    assert "at least two class sub-folders" in capsys.readouterr().err
+    assert evaluate_main(["--dataset", "imagenet", "--output", str(tmp_path / "o")]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(["--data", "x", "--dataset", "mnist5000", "--output", str(tmp_path / "o")])

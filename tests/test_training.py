@@ -1,0 +1,132 @@
+"""Triplet loss, mining, class-balanced batches, and fine-tuning on a tiny set (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CLASSIFIER, make_class_folders
+
+from jobs.train_triplet import main
+from pipeline.datasets import list_labelled_images
+from pipeline.models import load_embedder, select_runtime
+from pipeline.training import TripletConfig, class_balanced_batches, pairwise_distances, train, triplet_loss
+
+
+def unit(*rows: list[float]) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_batch_hard_loss_by_hand() -> None:
+    # Angles 0, 60 (class a) and 90, 180 degrees (class b) on the unit circle.
+    e = unit([1, 0], [0.5, 3 ** 0.5 / 2], [0, 1], [-1, 0])
+    labels = torch.tensor([0, 0, 1, 1])
+    d = pairwise_distances(e)
+    np.testing.assert_allclose(d[0, 1], 1.0, atol=1e-5)           # chord of 60 degrees
+    np.testing.assert_allclose(d[0, 2], 2 ** 0.5, atol=1e-5)
+    loss, stats = triplet_loss(e, labels, margin=0.5, mining="batch-hard")
+    # Anchor: hardest positive, closest negative -> max(0, d_ap - d_an + 0.5)
+    chord = lambda degrees: 2 * np.sin(np.radians(degrees) / 2)  # noqa: E731
+    expected = [max(0, chord(60) - chord(90) + 0.5),    # 0: pos 60 deg, closest neg 90 deg
+                max(0, chord(60) - chord(30) + 0.5),    # 60: pos 60, neg (90) 30 deg away
+                max(0, chord(90) - chord(30) + 0.5),    # 90: pos 180 is 90 away, neg 60 is 30 away
+                max(0, chord(90) - chord(120) + 0.5)]   # 180: pos 90 away, neg (60) 120 away
+    np.testing.assert_allclose(float(loss), np.mean(expected), atol=1e-5)
+    assert stats["active"] == 1.0
+
+
+@pytest.mark.parametrize("mining", ["batch-hard", "semi-hard"])
+def test_mining_matches_a_loop_over_anchors(mining: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(12, 5, generator=generator), dim=-1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    d = torch.cdist(e.double(), e.double()).numpy()
+    expected = []
+    for a in range(12):
+        pos = max(d[a, p] for p in range(12) if p != a and labels[p] == labels[a])
+        negatives = [d[a, n] for n in range(12) if labels[n] != labels[a]]
+        farther = [x for x in negatives if x > pos]
+        neg = min(farther) if mining == "semi-hard" and farther else min(negatives)
+        expected.append(max(0.0, pos - neg + 0.3))
+    loss, _ = triplet_loss(e, labels, margin=0.3, mining=mining)
+    np.testing.assert_allclose(float(loss), np.mean(expected), atol=1e-5)
+
+
+def test_loss_needs_positives_and_negatives() -> None:
+    with pytest.raises(ValueError, match="class-balanced"):
+        triplet_loss(unit([1, 0], [0, 1]), torch.tensor([0, 1]), margin=0.2)
+    with pytest.raises(ValueError, match="mining"):
+        triplet_loss(unit([1, 0], [0, 1]), torch.tensor([0, 0]), margin=0.2, mining="easy")
+
+
+def test_class_balanced_batches_are_p_by_k_and_resume_exactly() -> None:
+    labels = np.array(["a"] * 10 + ["b"] * 3 + ["c"] * 7)
+    first = class_balanced_batches(labels, classes_per_batch=2, per_class=4, seed=1)
+    batches = [next(first) for _ in range(5)]
+    for batch in batches:
+        values, counts = np.unique(labels[batch], return_counts=True)
+        assert len(values) == 2 and (counts == 4).all()   # "b" (3 images) is drawn with replacement
+    resumed = class_balanced_batches(labels, classes_per_batch=2, per_class=4, seed=1, start=3)
+    np.testing.assert_array_equal(next(resumed), batches[3])
+    with pytest.raises(ValueError, match="two classes"):
+        next(class_balanced_batches(np.array(["a"] * 5), 2, 2, seed=0))
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="timm"):
+        TripletConfig(backbone="open_clip:ViT-B-32@random")
+    with pytest.raises(ValueError, match="per_class"):
+        TripletConfig(per_class=1)
+
+
+def tiny_config(**kwargs) -> TripletConfig:
+    settings = dict(backbone=TINY_CLASSIFIER, dim=16, input_size=32, classes_per_batch=2, per_class=4, steps=20,
+                    lr=1e-3)
+    return TripletConfig(**(settings | kwargs))
+
+
+def test_training_lowers_the_loss_writes_a_loadable_embedder_and_resumes(tmp_path: Path) -> None:
+    # Two classes of four images: every batch is the whole set, so the loss must fall.
+    make_class_folders(tmp_path / "data", classes=2, per_class=4)
+    paths, labels = list_labelled_images(tmp_path / "data")
+    summary = train(tiny_config(steps=20), paths, labels, tmp_path / "out", log_every=5)
+    losses = [h["loss"] for h in summary["history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert (tmp_path / "out" / "checkpoint.pt").is_file()
+    embedder = load_embedder(summary["embedder"], select_runtime("cpu"))
+    assert embedder.dim == 16 and embedder.preprocess.size == (32, 32)
+    vectors = embedder.embed_images(np.zeros((2, 32, 32, 3), np.uint8))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # Resuming continues from step 20 (the history is kept), and refuses other settings.
+    more = train(tiny_config(steps=25), paths, labels, tmp_path / "out", log_every=5)
+    assert more["steps"] == 25 and more["steps_this_run"] == 5 and len(more["history"]) == 5
+    with pytest.raises(ValueError, match="other settings"):
+        train(tiny_config(steps=30, dim=8), paths, labels, tmp_path / "out")
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "data", classes=3, per_class=5)
+    paths, labels = list_labelled_images(tmp_path / "data")
+    train(tiny_config(steps=6), paths, labels, tmp_path / "whole", checkpoint_every=3)
+    train(tiny_config(steps=3), paths, labels, tmp_path / "split", checkpoint_every=3)
+    train(tiny_config(steps=6), paths, labels, tmp_path / "split", checkpoint_every=3)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    whole = load_embedder(f"{TINY_CLASSIFIER.split('@')[0]}@{tmp_path / 'whole' / 'embedder.safetensors'}")
+    split = load_embedder(f"{TINY_CLASSIFIER.split('@')[0]}@{tmp_path / 'split' / 'embedder.safetensors'}")
+    np.testing.assert_allclose(whole.embed_images(images), split.embed_images(images), atol=1e-4)
+
+
+def test_cli_trains_and_reports(tmp_path: Path, capsys) -> None:
+    make_class_folders(tmp_path / "data", classes=2, per_class=4)
+    args = ["--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--backbone", TINY_CLASSIFIER,
+            "--dim", "8", "--input-size", "32", "--classes-per-batch", "2", "--per-class", "2", "--steps", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "embedder spec: timm:test_efficientnet@" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["images_this_run"] == 16
+    assert main(["--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o2")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
