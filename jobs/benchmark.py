@@ -6,9 +6,13 @@ ratios, not absolute numbers from different runs).
 
 ``batch`` measures on the same images and models:
   (a) model-only ceiling: forward passes on pre-decoded, pre-resized images in one process;
+      also per batch size (``--sweep-batch-sizes``);
   (b) plain loop: read + decode + resize + forward, one process, batch by batch;
-  (c) the Ray Data job (``jobs.embed``), steady state and end to end, for each --stages choice;
-and prints images/s and the ratios (c)/(a), (c)/(b).
+  (b') with ``--decode cpu device``: the same loop decoding JPEGs on the model's device;
+  (c) the Ray Data job (``jobs.embed``), steady state and end to end, for each --stages choice
+      (and ``--decode device``), and per number of model actors (``--sweep-actors``);
+and prints images/s and the ratios to (a) and (b); ``--plot FILE.png`` draws the two sweeps.
+``--skip-ray`` measures (a), (b) and (b') only: the pipeline stages directly, where Ray is absent.
 
 ``index`` builds an index from synthetic embeddings (Zipf-like class sizes) with the real builder
 and measures: build time and peak memory, class-restricted search latency per query (p50/p99),
@@ -95,6 +99,7 @@ def bench_batch(args: argparse.Namespace) -> dict:
         stage(batch)
     results["model_only_images_per_s"] = n / (time.perf_counter() - start)
     del predecoded
+    results["batch_size_sweep"] = _batch_size_sweep(stage, decode_batch, data, args.sweep_batch_sizes)
 
     # (b) plain single-process loop.
     decode_s = model_s = 0.0
@@ -109,6 +114,27 @@ def bench_batch(args: argparse.Namespace) -> dict:
     results["plain_loop_images_per_s"] = n / (time.perf_counter() - start)
     results["stage_split_s"]["plain_loop"] = {"decode": round(decode_s, 2), "model": round(model_s, 2)}
 
+    if "device" in args.decode:
+        # (b') the same loop, decoding and resizing on the model's device (the GPU fast path).
+        from pipeline.device_decode import prepare_batch
+
+        inputs = {"image_cls": cls_pre, "image_emb": emb_pre}
+        decode_s = model_s = 0.0
+        start = time.perf_counter()
+        for s in _batches(n, args.batch_size):
+            t0 = time.perf_counter()
+            images, ok, _ = prepare_batch(data[s], inputs, runtime.device)
+            if runtime.device != "cpu":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            stage({"id": np.arange(len(ok)), **images})
+            decode_s += t1 - t0
+            model_s += time.perf_counter() - t1
+        results["device_decode_loop_images_per_s"] = n / (time.perf_counter() - start)
+        results["stage_split_s"]["device_decode_loop"] = {"decode": round(decode_s, 2), "model": round(model_s, 2)}
+    if args.skip_ray:
+        return results
+
     # (c) the Ray Data job on a fresh output folder, once per stage layout.
     # The very same images as (a) and (b): copied to one folder the job reads.
     import ray
@@ -121,21 +147,67 @@ def bench_batch(args: argparse.Namespace) -> dict:
         images.mkdir()
         for i, blob in enumerate(data):
             (images / f"{i:06d}.img").write_bytes(blob)
-        for layout in args.stages:
-            out = Path(scratch) / f"out-{layout}"
-            summary = run(EmbedConfig(inputs=(str(images),), output=str(out), classifier=args.classifier,
-                                      embedder=args.embedder, batch_size=args.batch_size,
-                                      stages=layout, precision=args.precision))
+
+        def job(name: str, **kwargs) -> dict:
+            summary = run(EmbedConfig(inputs=(str(images),), output=str(Path(scratch) / f"out-{name}"),
+                                      classifier=args.classifier, embedder=args.embedder,
+                                      precision=args.precision, **kwargs))
             if summary["counts"]["embedded"] != n:
                 raise RuntimeError(f"the job embedded {summary['counts']['embedded']} of {n} images")
-            results[f"ray_{layout}"] = {
-                "steady_images_per_s": summary["steady_images_per_s"],
-                "end_to_end_images_per_s": summary["images_per_s"],
-                "wall_s": summary["wall_s"],
-                "per_worker_images_per_s": summary["per_worker_images_per_s"],
-            }
+            return {"steady_images_per_s": summary["steady_images_per_s"],
+                    "end_to_end_images_per_s": summary["images_per_s"], "wall_s": summary["wall_s"],
+                    "per_worker_images_per_s": summary["per_worker_images_per_s"]}
+
+        for layout in args.stages:
+            results[f"ray_{layout}"] = job(layout, batch_size=args.batch_size, stages=layout)
+        if "device" in args.decode:
+            results["ray_fused_device_decode"] = job("device", batch_size=args.batch_size, decode="device")
+        # Throughput vs the number of model actors (threads split evenly between them on CPUs).
+        results["actors_sweep"] = [
+            {"actors": a, **job(f"actors{a}", batch_size=args.batch_size, num_actors=a,
+                                model_threads=None if runtime.device != "cpu" else max(1, threads // a))}
+            for a in args.sweep_actors]
     ray.shutdown()
     return results
+
+
+def _batch_size_sweep(stage, decode_batch, data: list[bytes], sizes: list[int]) -> list[dict]:
+    """Model-only images/s per batch size (pre-decoded images, one warm-up batch each)."""
+    rows = []
+    for size in sizes:
+        batches = [decode_batch(data[s]) for s in _batches(len(data), size)]
+        stage(batches[0])
+        start = time.perf_counter()
+        for batch in batches:
+            stage(batch)
+        rows.append({"batch_size": size, "model_only_images_per_s": round(len(data) / (time.perf_counter() - start), 2)})
+    return rows
+
+
+def plot_batch(results: dict, path: Path) -> None:
+    """PNG: model-only throughput vs batch size, and the job's throughput vs model actors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    sweep = results.get("batch_size_sweep", [])
+    left.plot([r["batch_size"] for r in sweep], [r["model_only_images_per_s"] for r in sweep], "o-")
+    left.set_xscale("log", base=2)
+    left.set(xlabel="batch size", ylabel="images/s", title="(a) model only vs batch size")
+    actors = results.get("actors_sweep", [])
+    for key, label in (("steady_images_per_s", "steady"), ("end_to_end_images_per_s", "end to end")):
+        right.plot([r["actors"] for r in actors], [r[key] or 0 for r in actors], "o-", label=label)
+    right.axhline(results["model_only_images_per_s"], color="grey", linestyle="--", label="(a) one process")
+    right.set(xlabel="model actors", ylabel="images/s", title="(c) Ray Data job vs model actors")
+    right.legend()
+    fig.suptitle(f"{results['classifier']} + {results['embedder']} on {results['device']} ({results['machine']})",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def print_batch(results: dict) -> None:
@@ -145,6 +217,10 @@ def print_batch(results: dict) -> None:
     print(f"{'measurement':<34}{'images/s':>10}{'vs (a)':>9}{'vs (b)':>9}")
     print(f"{'(a) model only (pre-decoded)':<34}{a:>10.1f}{1:>9.2f}{a / b:>9.2f}")
     print(f"{'(b) plain loop (decode + model)':<34}{b:>10.1f}{b / a:>9.2f}{1:>9.2f}")
+    if "device_decode_loop_images_per_s" in results:
+        d = results["device_decode_loop_images_per_s"]
+        label = "(b') plain loop, device decode"
+        print(f"{label:<34}{d:>10.1f}{d / a:>9.2f}{d / b:>9.2f}")
     for key, value in results.items():
         if key.startswith("ray_"):
             for kind in ("steady", "end_to_end"):
@@ -152,8 +228,13 @@ def print_batch(results: dict) -> None:
                 if c:
                     label = f"(c) Ray Data, {key[4:]}, {kind.replace('_', ' ')}"
                     print(f"{label:<34}{c:>10.1f}{c / a:>9.2f}{c / b:>9.2f}")
-    split = results["stage_split_s"]["plain_loop"]
-    print(f"plain loop time split: decode {split['decode']} s, model {split['model']} s")
+    for loop, split in results["stage_split_s"].items():
+        print(f"{loop.replace('_', ' ')} time split: decode {split['decode']} s, model {split['model']} s")
+    for row in results.get("batch_size_sweep", []):
+        print(f"(a) model only, batch {row['batch_size']:<4}{row['model_only_images_per_s']:>20.1f}")
+    for row in results.get("actors_sweep", []):
+        steady = row["steady_images_per_s"] or 0
+        print(f"(c) Ray Data, {row['actors']} model actor(s), steady {steady:>9.1f}{steady / a:>9.2f}{steady / b:>9.2f}")
 
 
 def _synthetic_gallery(out: Path, rows: int, dim: int, classes: int, seed: int, noise: float) -> dict:
@@ -473,6 +554,15 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--precision", default="auto")
     batch.add_argument("--stages", nargs="+", default=["fused", "separate"], choices=["fused", "separate"])
     batch.add_argument("--address", default="local", help="Ray address for (c) (default: a new local Ray)")
+    batch.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "device"],
+                       help="also measure decoding on the model's device (b') and in the job (default: cpu)")
+    batch.add_argument("--skip-ray", action="store_true",
+                       help="measure (a) and (b) only: for machines without Ray (the pipeline stages directly)")
+    batch.add_argument("--sweep-batch-sizes", type=int, nargs="*", default=[8, 16, 32, 64],
+                       help="batch sizes for the model-only sweep (default: 8 16 32 64)")
+    batch.add_argument("--sweep-actors", type=int, nargs="*", default=[1, 2],
+                       help="model actor counts for the job sweep (default: 1 2)")
+    batch.add_argument("--plot", type=Path, help="write the sweeps as a PNG plot")
     batch.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     index = sub.add_parser("index", help="index build, class-restricted latency, global QPS and recall")
     index.add_argument("--rows", type=int, default=1_000_000)
@@ -508,8 +598,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.area == "batch":
         if args.limit < 1 or args.batch_size < 1:
             parser.error("--limit and --batch-size must be >= 1")
+        if min([*args.sweep_batch_sizes, *args.sweep_actors, 1]) < 1:
+            parser.error("sweep values must be >= 1")
         results = bench_batch(args)
         print_batch(results)
+        if args.plot:
+            plot_batch(results, args.plot)
+            print(f"plot: {args.plot}")
     else:
         if min(args.rows, args.dim, args.classes, args.queries) < 1:
             parser.error("--rows, --dim, --classes and --queries must be >= 1")

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.batch import (
     SCHEMA_VERSION,
     ClassifyAndEmbed,
+    ClassifyAndEmbedOnDevice,
     ClassifyImages,
     DecodeImages,
     EmbedImages,
@@ -71,6 +72,7 @@ class EmbedConfig:
     model_memory_gb: float = 2.0
     actor_start_timeout_s: int = 600
     stages: str = "fused"
+    decode: str = "cpu"
     device: str = "auto"
     precision: str = "auto"
 
@@ -100,6 +102,10 @@ class EmbedConfig:
             raise ValueError(f"--model-memory-gb must be > 0, got {self.model_memory_gb}")
         if self.stages not in ("fused", "separate"):
             raise ValueError(f"--stages must be fused or separate, got {self.stages}")
+        if self.decode not in ("cpu", "device"):
+            raise ValueError(f"--decode must be cpu or device, got {self.decode}")
+        if self.decode == "device" and self.stages != "fused":
+            raise ValueError("--decode device needs --stages fused (decoded images stay on the model's device)")
         as_spec(self.classifier), as_spec(self.embedder)
 
     def to_json(self) -> dict:
@@ -136,6 +142,9 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
                         help="seconds to wait for all model actors to start (default: 600)")
     parser.add_argument("--stages", default="fused", choices=["fused", "separate"],
                         help="one actor pool for classify+embed (default) or two pools")
+    parser.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                        help="cpu: decode+resize in CPU tasks (default); device: send the encoded bytes to the "
+                             "model actor and decode JPEGs on its GPU (nvJPEG), other formats on its CPU")
     parser.add_argument("--device", default="auto", help="model device inside actors: auto, cpu, cuda")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = parser.parse_args(argv)
@@ -146,7 +155,8 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
             limit=args.limit, batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
             files_per_shard=args.files_per_shard, num_gpus=args.num_gpus, num_actors=args.num_actors,
             model_cpus=args.model_cpus, model_memory_gb=args.model_memory_gb, model_threads=args.model_threads,
-            actor_start_timeout_s=args.actor_start_timeout, stages=args.stages, device=args.device, precision=args.precision)
+            actor_start_timeout_s=args.actor_start_timeout, stages=args.stages, decode=args.decode, device=args.device,
+            precision=args.precision)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -294,8 +304,9 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     ds = ds.map_batches(ReadShards(skip_ids), batch_size=1)
     if config.limit:
         ds = ds.limit(config.limit)
-    ds = ds.map_batches(DecodeImages(inputs, out / "errors", config.max_pixels),
-                        batch_size=config.decode_batch_size)
+    if config.decode == "cpu":
+        ds = ds.map_batches(DecodeImages(inputs, out / "errors", config.max_pixels),
+                            batch_size=config.decode_batch_size)
     # The memory request reserves room for the models. Being set only here, it also keeps Ray Data
     # from fusing the decode tasks into the model actors (fusion needs identical resource
     # requests), so decoding stays spread over all CPUs instead of running inside the actors.
@@ -303,6 +314,12 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
                       memory=config.model_memory_gb * 2**30, compute=ActorPoolStrategy(size=actors))
     device = config.device if num_gpus > 0 or config.device != "auto" else "cpu"
     write_to = dict(out_dir=str(out / "embeddings"), dim=dim, embedding_dtype=config.embedding_dtype)
+    if config.decode == "device":
+        return ds.map_batches(_on_ray(ClassifyAndEmbedOnDevice, writes=True), fn_constructor_kwargs=dict(
+            inputs=inputs, errors_dir=str(out / "errors"), max_pixels=config.max_pixels,
+            write_to=write_to, classifier=config.classifier, embedder=config.embedder, top_n=config.top_n,
+            device=device, precision=config.precision, embedding_dtype=config.embedding_dtype, threads=threads),
+            **model_args)
     if config.stages == "fused":
         return ds.map_batches(_on_ray(ClassifyAndEmbed, writes=True), fn_constructor_kwargs=dict(
             write_to=write_to, classifier=config.classifier, embedder=config.embedder, top_n=config.top_n,

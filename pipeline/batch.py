@@ -100,6 +100,15 @@ def shard_to_row(shard: Shard) -> dict[str, str]:
     return {"shard": json.dumps(payload)}
 
 
+def write_errors(failures: list[tuple[int, str, str, str, str]], errors_dir: Path) -> None:
+    """Writes ``(id, uri, stage, error_type, message)`` rows as one error part (nothing if none)."""
+    if not failures:
+        return
+    columns = list(zip(*failures))
+    table = pa.table({field.name: pa.array(col, type=field.type) for field, col in zip(ERROR_SCHEMA, columns)})
+    write_table_atomically(table, Path(errors_dir) / part_name(np.array(columns[0])))
+
+
 class DecodeImages:
     """Decodes each image once and resizes it to every model's input.
 
@@ -143,11 +152,7 @@ class DecodeImages:
                     cache[pre] = resize_image(image, pre)
                 resized[name].append(cache[pre])
             keep.append(i)
-        if failures:
-            columns = list(zip(*failures))
-            table = pa.table({name: pa.array(col, type=field.type)
-                              for (name, field), col in zip(((f.name, f) for f in ERROR_SCHEMA), columns)})
-            write_table_atomically(table, self.errors_dir / part_name(np.array(columns[0])))
+        write_errors(failures, self.errors_dir)
         if not keep:
             return {}  # an empty block (a 0-row tensor column would not convert to Arrow)
         idx = np.array(keep, dtype=np.int64)
@@ -326,3 +331,55 @@ class WriteParts:
                 "model_s": np.array([float(np.sum(batch["model_s"]))]),
                 "write_s": np.array([time.perf_counter() - start]),
                 "written_at": np.array([time.time()])}
+
+
+class DecodeOnDevice:
+    """The GPU fast path: runs a model stage on raw image bytes, decoding them on its device.
+
+    Takes :class:`ReadShards` batches (``data`` bytes) instead of :class:`DecodeImages` output:
+    JPEGs are decoded and resized on the model's device (:mod:`pipeline.device_decode`), other
+    formats and rejected files on the CPU; failures become error rows exactly as in DecodeImages.
+
+    Args:
+        stage: the model stage (ClassifyAndEmbed, ClassifyImages or EmbedImages instance).
+        inputs: model input name -> preprocessing, as for DecodeImages.
+        errors_dir: where error parts go.
+        max_pixels: decode guard.
+    """
+
+    def __init__(self, stage, inputs: dict[str, Preprocess], errors_dir: str | Path,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.stage = stage
+        self.inputs = {f"image_{name}": pre for name, pre in inputs.items()}
+        self.errors_dir = Path(errors_dir)
+        self.max_pixels = max_pixels
+        model = getattr(stage, "classify", None) or stage
+        self.device = (getattr(model, "classifier", None) or getattr(model, "embedder")).runtime.device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.device_decode import prepare_batch
+
+        start = time.perf_counter()
+        readable = [i for i, error in enumerate(batch["read_error"]) if not error]
+        failures = [(int(batch["id"][i]), str(batch["uri"][i]), "read", "unreadable", str(batch["read_error"][i]))
+                    for i in range(len(batch["id"])) if batch["read_error"][i]]
+        images, ok, errors = prepare_batch([bytes(batch["data"][i]) for i in readable], self.inputs, self.device,
+                                           max_pixels=self.max_pixels)
+        failures += [(int(batch["id"][readable[i]]), str(batch["uri"][readable[i]]), "decode", exc.reason, str(exc))
+                     for i, exc in errors]
+        write_errors(failures, self.errors_dir)
+        if not len(ok):
+            return {}
+        idx = np.array(readable, dtype=np.int64)[ok]
+        seconds = np.float32((time.perf_counter() - start) / max(len(batch["id"]), 1))
+        decoded = {"id": batch["id"][idx], "uri": batch["uri"][idx], "label": batch["label"][idx],
+                   "read_s": batch["read_s"][idx], "decode_s": np.full(len(idx), seconds, np.float32), **images}
+        return self.stage(decoded)
+
+
+class ClassifyAndEmbedOnDevice(DecodeOnDevice):
+    """:class:`ClassifyAndEmbed` fed with raw bytes, decoded on its device (the job's ``--decode device``)."""
+
+    def __init__(self, inputs: dict[str, Preprocess], errors_dir: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 **stage_kwargs) -> None:
+        super().__init__(ClassifyAndEmbed(**stage_kwargs), inputs, errors_dir, max_pixels)

@@ -211,6 +211,26 @@ class Preprocess:
         return math.floor(max(self.size) / self.crop_pct)
 
 
+def resize_geometry(width: int, height: int, preprocess: Preprocess) -> tuple[int, int]:
+    """The (width, height) an image is resized to before the centre crop (shared with the device path)."""
+    scale_h = math.floor(preprocess.size[0] / preprocess.crop_pct)
+    scale_w = math.floor(preprocess.size[1] / preprocess.crop_pct)
+    if preprocess.crop_mode == "squash" or scale_h != scale_w:
+        return scale_w, scale_h
+    # Same rounding as torchvision's Resize(int): shorter side to the target, longer truncated.
+    if width <= height:
+        return scale_h, int(scale_h * height / width)
+    return int(scale_h * width / height), scale_h
+
+
+def center_crop_box(new_h: int, new_w: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
+    """Padding (top, left) of a too-small resized image, then the crop's (top, left)."""
+    out_h, out_w = preprocess.size
+    pad_h, pad_w = max(out_h - new_h, 0), max(out_w - new_w, 0)
+    new_h, new_w = new_h + pad_h, new_w + pad_w
+    return pad_h, pad_w, int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))
+
+
 def resize_image(image: np.ndarray, preprocess: Preprocess) -> np.ndarray:
     """Resizes and centre-crops one RGB image to the model's input size.
 
@@ -223,31 +243,14 @@ def resize_image(image: np.ndarray, preprocess: Preprocess) -> np.ndarray:
     """
     out_h, out_w = preprocess.size
     pil = Image.fromarray(image)
-    resample = _INTERPOLATION[preprocess.interpolation]
-    scale_h = math.floor(out_h / preprocess.crop_pct)
-    scale_w = math.floor(out_w / preprocess.crop_pct)
-    w, h = pil.size
-    if preprocess.crop_mode == "squash":
-        new_w, new_h = scale_w, scale_h
-    else:
-        # Same rounding as torchvision's Resize(int): shorter side to the target, longer truncated.
-        short_target = scale_h if scale_h == scale_w else None
-        if short_target is None:
-            new_w, new_h = scale_w, scale_h
-        elif w <= h:
-            new_w, new_h = short_target, int(short_target * h / w)
-        else:
-            new_w, new_h = int(short_target * w / h), short_target
-    if (new_w, new_h) != (w, h):
-        pil = pil.resize((new_w, new_h), resample)
+    new_w, new_h = resize_geometry(pil.size[0], pil.size[1], preprocess)
+    if (new_w, new_h) != pil.size:
+        pil = pil.resize((new_w, new_h), _INTERPOLATION[preprocess.interpolation])
     arr = np.asarray(pil)
-    if new_h < out_h or new_w < out_w:
+    pad_h, pad_w, top, left = center_crop_box(new_h, new_w, preprocess)
+    if pad_h or pad_w:
         # Only possible for extreme aspect ratios: pad symmetrically with zeros like CenterCrop does.
-        pad_h, pad_w = max(out_h - new_h, 0), max(out_w - new_w, 0)
         arr = np.pad(arr, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-        new_h, new_w = arr.shape[:2]
-    top = int(round((new_h - out_h) / 2.0))
-    left = int(round((new_w - out_w) / 2.0))
     return np.ascontiguousarray(arr[top : top + out_h, left : left + out_w])
 
 

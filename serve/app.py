@@ -42,6 +42,8 @@ class AppConfig:
         crop: default crop policy, ``auto`` (crop when a box qualifies) or ``off``.
         top_n: predicted classes searched in class mode.
         retriever_shards: shard numbers of each retriever deployment; default one retriever with all.
+        retriever_actor_options: ``ray_actor_options`` of each retriever deployment, e.g. custom
+            resources that pin a shard group to the nodes that hold it in memory.
         max_body_mb: largest accepted upload.
         max_batch_size: most requests a model deployment batches into one forward pass.
         batch_wait_timeout_s: how long a model deployment waits to fill a batch.
@@ -57,6 +59,7 @@ class AppConfig:
     crop: str = "off"
     top_n: int = 1
     retriever_shards: list[list[int]] | None = None
+    retriever_actor_options: list[dict] | None = None
     max_body_mb: float = 20.0
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
@@ -322,8 +325,11 @@ def build_app(args: dict) -> serve.Application:
     scaled = {"autoscaling_config": config.model_autoscaling} if config.model_autoscaling else {}
     classifier = Classifier.options(**scaled).bind(specs["classifier"], config.device, **batching)
     embedder = Embedder.options(**scaled).bind(specs["embedder"], config.device, **batching)
-    retrievers = [Retriever.options(name=f"Retriever{i}").bind(str(index), group, specs)
-                  for i, group in enumerate(shards)]
+    options = config.retriever_actor_options or [{}] * len(shards)
+    if len(options) != len(shards):
+        raise ValueError(f"retriever_actor_options has {len(options)} entries for {len(shards)} retrievers")
+    retrievers = [Retriever.options(name=f"Retriever{i}", ray_actor_options={"num_cpus": 0.25} | opts)
+                  .bind(str(index), group, specs) for i, (group, opts) in enumerate(zip(shards, options))]
     detector = Detector.bind(config.detector, config.device, config.crop_policy, **batching) \
         if config.detector else None
     resolved = asdict(config) | {"index": str(index)}

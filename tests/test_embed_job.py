@@ -60,6 +60,27 @@ def test_folder_with_corrupt_files_accounts_for_every_file(tmp_path: Path) -> No
     assert (tmp_path / "out" / "summary.json").exists() and (tmp_path / "out" / "config.json").exists()
 
 
+def test_device_decode_path_gives_the_cpu_path_rows_and_errors(tmp_path: Path) -> None:
+    """--decode device (the GPU fast path; libjpeg-turbo through torchvision on this CPU)."""
+    from PIL import Image
+
+    made = make_class_folders(tmp_path / "data", classes=2, per_class=5, bad=3)
+    Image.new("RGB", (30, 20), (200, 30, 30)).save(tmp_path / "data" / "class1" / "red.png")  # the CPU fallback
+    run(config([tmp_path / "data"], tmp_path / "cpu"))
+    summary = run(config([tmp_path / "data"], tmp_path / "device", decode="device"))
+    cpu, device = read_rows(tmp_path / "cpu"), read_rows(tmp_path / "device")
+    assert set(device) == set(cpu) and len(device) == 11
+    for key, row in cpu.items():
+        assert device[key]["label"] == row["label"]
+        a, b = np.array(row["embedding"]), np.array(device[key]["embedding"])
+        assert float(a @ b) > 0.99
+    assert sorted((e["id"], e["error_type"]) for e in error_rows(tmp_path / "device")) == \
+        sorted((e["id"], e["error_type"]) for e in error_rows(tmp_path / "cpu"))
+    assert summary["counts"]["failed"] == len(made["bad"])
+    with pytest.raises(ValueError, match="fused"):
+        config([tmp_path / "data"], tmp_path / "x", decode="device", stages="separate")
+
+
 def test_tar_and_parquet_inputs_with_limit(tmp_path: Path) -> None:
     import io
     import tarfile
