@@ -78,7 +78,8 @@ def bench_batch(args: argparse.Namespace) -> dict:
     runtime = select_runtime(args.device)
     cls_pre = load_classifier(args.classifier, select_runtime("cpu")).preprocess
     emb_pre = load_embedder(args.embedder, select_runtime("cpu")).preprocess
-    stage = ClassifyAndEmbed(args.classifier, args.embedder, device=runtime.device, precision=args.precision)
+    stage = ClassifyAndEmbed(args.classifier, args.embedder, device=runtime.device, precision=args.precision,
+                             compile=args.compile)
 
     def decode_batch(chunk: list[bytes]) -> dict[str, np.ndarray]:
         draft = max(cls_pre.draft_size, emb_pre.draft_size)
@@ -87,7 +88,7 @@ def bench_batch(args: argparse.Namespace) -> dict:
         emb = cls if emb_pre == cls_pre else np.stack([resize_image(im, emb_pre) for im in decoded])
         return {"id": np.arange(len(chunk)), "image_cls": cls, "image_emb": emb}
 
-    results: dict = {"images": n, "batch_size": args.batch_size, "threads": threads,
+    results: dict = {"images": n, "batch_size": args.batch_size, "threads": threads, "compile": args.compile,
                      "classifier": args.classifier, "embedder": args.embedder, "device": runtime.device,
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "stage_split_s": {}}
 
@@ -151,7 +152,7 @@ def bench_batch(args: argparse.Namespace) -> dict:
         def job(name: str, **kwargs) -> dict:
             summary = run(EmbedConfig(inputs=(str(images),), output=str(Path(scratch) / f"out-{name}"),
                                       classifier=args.classifier, embedder=args.embedder,
-                                      precision=args.precision, **kwargs))
+                                      precision=args.precision, compile=args.compile, **kwargs))
             if summary["counts"]["embedded"] != n:
                 raise RuntimeError(f"the job embedded {summary['counts']['embedded']} of {n} images")
             return {"steady_images_per_s": summary["steady_images_per_s"],
@@ -552,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--threads", type=int, help="torch threads for (a) and (b) (default: all CPUs)")
     batch.add_argument("--device", default="auto")
     batch.add_argument("--precision", default="auto")
+    batch.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the models (warm-up batches absorb the compilation)")
     batch.add_argument("--stages", nargs="+", default=["fused", "separate"], choices=["fused", "separate"])
     batch.add_argument("--address", default="local", help="Ray address for (c) (default: a new local Ray)")
     batch.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "device"],

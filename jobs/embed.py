@@ -62,7 +62,7 @@ class EmbedConfig:
     embedding_dtype: str = "float32"
     max_pixels: int = DEFAULT_MAX_PIXELS
     limit: int | None = None
-    batch_size: int = 64
+    batch_size: int | str = "auto"
     decode_batch_size: int = 32
     files_per_shard: int = 256
     num_gpus: float | None = None
@@ -73,6 +73,7 @@ class EmbedConfig:
     actor_start_timeout_s: int = 600
     stages: str = "fused"
     decode: str = "cpu"
+    compile: str | None = None
     device: str = "auto"
     precision: str = "auto"
 
@@ -85,7 +86,9 @@ class EmbedConfig:
             raise ValueError(f"--top-n must be >= 1, got {self.top_n}")
         if self.embedding_dtype not in ("float32", "float16"):
             raise ValueError(f"--embedding-dtype must be float32 or float16, got {self.embedding_dtype}")
-        for name in ("batch_size", "decode_batch_size", "files_per_shard"):
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"--batch-size must be >= 1 or auto, got {self.batch_size}")
+        for name in ("decode_batch_size", "files_per_shard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
@@ -107,6 +110,10 @@ class EmbedConfig:
         if self.decode == "device" and self.stages != "fused":
             raise ValueError("--decode device needs --stages fused (decoded images stay on the model's device)")
         as_spec(self.classifier), as_spec(self.embedder)
+        if self.compile is not None:
+            from pipeline.models import select_runtime
+
+            select_runtime("cpu", compile=self.compile)  # checks the backend name before any actor starts
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -124,7 +131,10 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="reject images claiming more pixels (default: %(default)s)")
     parser.add_argument("--limit", type=int, help="process at most N new images (trial runs)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model forward pass (default: 64)")
+    parser.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="images per model forward pass, or auto (default): measured before the job "
+                             "starts, on one GPU (or one actor's CPUs): the smallest size within 5%% of the "
+                             "best throughput that fits in memory")
     parser.add_argument("--decode-batch-size", type=int, default=32, help="images per decode task batch")
     parser.add_argument("--files-per-shard", type=int, default=256, help="loose files per read task")
     parser.add_argument("--num-gpus", type=float,
@@ -145,6 +155,9 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
     parser.add_argument("--decode", default="cpu", choices=["cpu", "device"],
                         help="cpu: decode+resize in CPU tasks (default); device: send the encoded bytes to the "
                              "model actor and decode JPEGs on its GPU (nvJPEG), other formats on its CPU")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the models' backbones (default backend: inductor); the first "
+                             "batch of each actor pays the compilation")
     parser.add_argument("--device", default="auto", help="model device inside actors: auto, cpu, cuda")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = parser.parse_args(argv)
@@ -155,8 +168,8 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
             limit=args.limit, batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
             files_per_shard=args.files_per_shard, num_gpus=args.num_gpus, num_actors=args.num_actors,
             model_cpus=args.model_cpus, model_memory_gb=args.model_memory_gb, model_threads=args.model_threads,
-            actor_start_timeout_s=args.actor_start_timeout, stages=args.stages, decode=args.decode, device=args.device,
-            precision=args.precision)
+            actor_start_timeout_s=args.actor_start_timeout, stages=args.stages, decode=args.decode,
+            compile=args.compile, device=args.device, precision=args.precision)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -269,7 +282,8 @@ def _cpu():
 
 
 def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, inputs: dict, dim: int):
-    """Wires the stages with Ray Data; returns the dataset of per-part write summaries."""
+    """Wires the stages with Ray Data; returns the dataset of per-part write summaries and the
+    model batch size (resolved when ``auto``)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -307,30 +321,55 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     if config.decode == "cpu":
         ds = ds.map_batches(DecodeImages(inputs, out / "errors", config.max_pixels),
                             batch_size=config.decode_batch_size)
+    device = config.device if num_gpus > 0 or config.device != "auto" else "cpu"
+    batch_size = resolve_batch_size(config, num_gpus, model_cpus, threads, inputs, device)
     # The memory request reserves room for the models. Being set only here, it also keeps Ray Data
     # from fusing the decode tasks into the model actors (fusion needs identical resource
     # requests), so decoding stays spread over all CPUs instead of running inside the actors.
-    model_args = dict(batch_size=config.batch_size, num_gpus=num_gpus, num_cpus=model_cpus,
+    model_args = dict(batch_size=batch_size, num_gpus=num_gpus, num_cpus=model_cpus,
                       memory=config.model_memory_gb * 2**30, compute=ActorPoolStrategy(size=actors))
-    device = config.device if num_gpus > 0 or config.device != "auto" else "cpu"
     write_to = dict(out_dir=str(out / "embeddings"), dim=dim, embedding_dtype=config.embedding_dtype)
     if config.decode == "device":
-        return ds.map_batches(_on_ray(ClassifyAndEmbedOnDevice, writes=True), fn_constructor_kwargs=dict(
+        return batch_size, ds.map_batches(_on_ray(ClassifyAndEmbedOnDevice, writes=True), fn_constructor_kwargs=dict(
             inputs=inputs, errors_dir=str(out / "errors"), max_pixels=config.max_pixels,
             write_to=write_to, classifier=config.classifier, embedder=config.embedder, top_n=config.top_n,
-            device=device, precision=config.precision, embedding_dtype=config.embedding_dtype, threads=threads),
-            **model_args)
+            device=device, precision=config.precision, embedding_dtype=config.embedding_dtype, threads=threads,
+            compile=config.compile), **model_args)
     if config.stages == "fused":
-        return ds.map_batches(_on_ray(ClassifyAndEmbed, writes=True), fn_constructor_kwargs=dict(
+        return batch_size, ds.map_batches(_on_ray(ClassifyAndEmbed, writes=True), fn_constructor_kwargs=dict(
             write_to=write_to, classifier=config.classifier, embedder=config.embedder, top_n=config.top_n,
-            device=device, precision=config.precision, embedding_dtype=config.embedding_dtype, threads=threads),
-            **model_args)
+            device=device, precision=config.precision, embedding_dtype=config.embedding_dtype, threads=threads,
+            compile=config.compile), **model_args)
     ds = ds.map_batches(_on_ray(ClassifyImages), fn_constructor_kwargs=dict(
         classifier=config.classifier, top_n=config.top_n, device=device, precision=config.precision,
-        threads=threads), **model_args)
-    return ds.map_batches(_on_ray(EmbedImages, writes=True), fn_constructor_kwargs=dict(
+        threads=threads, compile=config.compile), **model_args)
+    return batch_size, ds.map_batches(_on_ray(EmbedImages, writes=True), fn_constructor_kwargs=dict(
         write_to=write_to, embedder=config.embedder, device=device, precision=config.precision,
-        embedding_dtype=config.embedding_dtype, threads=threads), **model_args)
+        embedding_dtype=config.embedding_dtype, threads=threads, compile=config.compile), **model_args)
+
+
+def resolve_batch_size(config: EmbedConfig, num_gpus: float, model_cpus: float, threads: int | None,
+                       inputs: dict, device: str) -> int:
+    """``--batch-size auto``: measured before the job starts by a probe task placed like one model
+    actor (one GPU, or its CPUs and threads), with :func:`pipeline.tuning.choose_batch_size`."""
+    if config.batch_size != "auto":
+        return int(config.batch_size)
+    import ray
+
+    @ray.remote(num_gpus=num_gpus, num_cpus=model_cpus)
+    def probe() -> tuple[int, list[dict], str]:
+        from pipeline.tuning import choose_batch_size, model_batch_runner
+
+        stage = ClassifyAndEmbed(config.classifier, config.embedder, top_n=config.top_n, device=device,
+                                 precision=config.precision, threads=threads, compile=config.compile)
+        actual = stage.classify.classifier.runtime.device
+        sizes = {f"image_{name}": pre.size for name, pre in inputs.items()}
+        return *choose_batch_size(model_batch_runner(stage, sizes, actual)), actual
+
+    size, tried, where = ray.get(probe.remote())
+    logger.info("--batch-size auto: %d on %s (measured images/s: %s)", size, where,
+                ", ".join(f"{r['batch_size']}: {r.get('images_per_s', r.get('error'))}" for r in tried))
+    return size
 
 
 def _on_ray(stage: type, writes: bool = False) -> type:
@@ -406,8 +445,9 @@ def run(config: EmbedConfig) -> dict:
 
     start = time.perf_counter()
     rows: list[dict] = []
+    batch_size = None
     if shards:
-        dataset = build_dataset(config, shards, skip, inputs, embedder_info["dim"])
+        batch_size, dataset = build_dataset(config, shards, skip, inputs, embedder_info["dim"])
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend({k: batch[k][i] for k in batch} for i in range(len(batch["rows"])))
     wall = time.perf_counter() - start
@@ -418,6 +458,7 @@ def run(config: EmbedConfig) -> dict:
         by_worker[str(r.get("worker", "-"))] += int(r["rows"])
     summary["images_by_worker"] = dict(sorted(by_worker.items()))
     summary["config"] = config.to_json()
+    summary["batch_size"] = batch_size  # as run (``auto`` resolved), None when nothing was left to do
     write_json_atomically(summary, out / "summary.json")
     return summary
 

@@ -118,8 +118,7 @@ def link_gallery(out: Path, paths: list[str], labels: list[str], gallery: np.nda
     return root
 
 
-def build_gallery_index(out: Path, gallery: Path, classifier: str, embedder: str, split_key: str,
-                        batch_size: int) -> Path:
+def build_gallery_index(out: Path, gallery: Path, classifier: str, embedder: str, split_key: str) -> Path:
     """Runs the embedding job and builds the index for one embedder (reused when already built)."""
     from jobs.embed import EmbedConfig, run
     from pipeline.index import IndexConfig, build_index
@@ -134,7 +133,7 @@ def build_gallery_index(out: Path, gallery: Path, classifier: str, embedder: str
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     summary = run(EmbedConfig(inputs=(str(gallery),), output=str(folder / "embedding-job"), classifier=classifier,
-                              embedder=embedder, batch_size=batch_size))
+                              embedder=embedder, batch_size="auto"))
     logger.info("embedded the gallery with %s: %s", embedder, summary["counts"])
     build_index(folder / "embedding-job", index, IndexConfig())
     return index
@@ -260,7 +259,7 @@ def run(config: EvalConfig) -> dict:
     embedders = [("pretrained", config.embedder)] + ([("finetuned", config.finetuned)] if config.finetuned else [])
     rows: list[dict] = []
     for role, spec in embedders:
-        index = build_gallery_index(out, gallery, config.classifier, spec, split_key, config.batch_size)
+        index = build_gallery_index(out, gallery, config.classifier, spec, split_key)
         engine = QueryEngine.load(str(index), runtime=runtime, top_n=config.top_n, detector=detector)
         for crop in (False, True) if detector else (False,):
             for row in evaluate_engine(engine, images, query_labels, n_relevant, config, crop):
@@ -296,7 +295,7 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     parser.add_argument("--crop-min-score", type=float, default=CropPolicy.min_score)
     parser.add_argument("--top-n", type=int, default=3, help="classes searched by the class@N strategy")
     parser.add_argument("-k", type=int, nargs="+", default=[1, 3, 5], help="cut-offs (default: 1 3 5)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="queries per forward pass (default: 32)")
     parser.add_argument("--grids", type=int, default=0, help="write result grids for this many queries")
     parser.add_argument("--worst", type=int, default=5, help="worst classes listed per strategy")
     args = parser.parse_args(argv)

@@ -194,11 +194,11 @@ class ClassifyImages:
     """
 
     def __init__(self, classifier: str, top_n: int = 5, device: str = "auto", precision: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, compile: str | None = None) -> None:
         from pipeline.models import load_classifier, select_runtime
 
         _set_threads(threads)
-        self.classifier = load_classifier(classifier, select_runtime(device, precision))
+        self.classifier = load_classifier(classifier, select_runtime(device, precision, compile))
         self.top_n = top_n
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -223,11 +223,11 @@ class EmbedImages:
     """
 
     def __init__(self, embedder: str, device: str = "auto", precision: str = "auto",
-                 embedding_dtype: str = "float32", threads: int | None = None) -> None:
+                 embedding_dtype: str = "float32", threads: int | None = None, compile: str | None = None) -> None:
         from pipeline.models import load_embedder, select_runtime
 
         _set_threads(threads)
-        self.embedder = load_embedder(embedder, select_runtime(device, precision))
+        self.embedder = load_embedder(embedder, select_runtime(device, precision, compile))
         self.embedding_dtype = np.dtype(embedding_dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -255,15 +255,18 @@ class ClassifyAndEmbed:
         precision: see :func:`pipeline.models.select_runtime`.
         embedding_dtype: ``float32`` or ``float16`` in the output.
         threads: torch CPU threads (None: leave as is).
+        compile: a torch.compile backend (e.g. inductor), or None.
     """
 
     def __init__(self, classifier: str, embedder: str, top_n: int = 5, device: str = "auto",
-                 precision: str = "auto", embedding_dtype: str = "float32", threads: int | None = None) -> None:
+                 precision: str = "auto", embedding_dtype: str = "float32", threads: int | None = None,
+                 compile: str | None = None) -> None:
         from pipeline.models import as_spec
 
         self.shared = classifier == embedder and as_spec(classifier).library == "timm"
-        self.classify = ClassifyImages(classifier, top_n, device, precision, threads)
-        self.embed = None if self.shared else EmbedImages(embedder, device, precision, embedding_dtype, threads)
+        self.classify = ClassifyImages(classifier, top_n, device, precision, threads, compile)
+        self.embed = None if self.shared else EmbedImages(embedder, device, precision, embedding_dtype, threads,
+                                                          compile)
         self.top_n = top_n
         self.embedding_dtype = np.dtype(embedding_dtype)
 

@@ -81,6 +81,17 @@ def test_device_decode_path_gives_the_cpu_path_rows_and_errors(tmp_path: Path) -
         config([tmp_path / "data"], tmp_path / "x", decode="device", stages="separate")
 
 
+def test_batch_size_auto_is_measured_before_the_job(tmp_path: Path) -> None:
+    from pipeline.tuning import BATCH_CANDIDATES
+
+    make_class_folders(tmp_path / "data", classes=2, per_class=5)
+    summary = run(config([tmp_path / "data"], tmp_path / "out", batch_size="auto"))
+    assert summary["batch_size"] in BATCH_CANDIDATES and summary["config"]["batch_size"] == "auto"
+    assert summary["counts"]["embedded"] == 10
+    with pytest.raises(ValueError, match="auto"):
+        config([tmp_path / "data"], tmp_path / "x", batch_size=0)
+
+
 def test_tar_and_parquet_inputs_with_limit(tmp_path: Path) -> None:
     import io
     import tarfile

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC
 
 from pipeline.datasets import sample_photos
-from pipeline.images import load_image
+from pipeline.images import load_image, resize_image
 from pipeline.models import (
     DEFAULT_CLASSIFIER,
     CropPolicy,
@@ -252,3 +252,20 @@ def test_random_weights_are_the_same_in_every_load(rng: np.random.Generator) -> 
     torch.manual_seed(5)
     load_classifier(TINY_CLASSIFIER, runtime)
     assert torch.rand(1) == expected
+
+
+def test_compiled_models_give_the_eager_outputs(rng: np.random.Generator) -> None:
+    """torch.compile wiring (the "eager" backend: the same graph capture, no code generation)."""
+    images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    for load, spec in ((load_embedder, TINY_CLIP_SPEC), (load_classifier, TINY_CLASSIFIER)):
+        eager = load(spec, select_runtime("cpu"))
+        compiled = load(spec, select_runtime("cpu", compile="eager"))
+        batch = np.stack([resize_image(im, eager.preprocess) for im in images])
+        if load is load_embedder:
+            assert hasattr(compiled.model.encode_image, "_torchdynamo_orig_callable")
+            np.testing.assert_allclose(compiled.embed_images(batch), eager.embed_images(batch), atol=1e-5)
+        else:
+            assert hasattr(compiled.model.forward_features, "_torchdynamo_orig_callable")
+            np.testing.assert_array_equal(compiled.classify(batch)[0], eager.classify(batch)[0])
+    with pytest.raises(ValueError, match="backend"):
+        select_runtime("cpu", compile="no-such-backend")
