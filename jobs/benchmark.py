@@ -94,29 +94,28 @@ def bench_batch(args: argparse.Namespace) -> dict:
 
     # (a) model only: everything decoded beforehand, untimed.
     predecoded = [decode_batch(data[s]) for s in _batches(n, args.batch_size)]
-    stage(predecoded[0])  # warm-up
-    start = time.perf_counter()
-    for batch in predecoded:
-        stage(batch)
-    results["model_only_images_per_s"] = n / (time.perf_counter() - start)
-    del predecoded
-    results["batch_size_sweep"] = _batch_size_sweep(stage, decode_batch, data, args.sweep_batch_sizes)
+
+    def model_only() -> tuple[float, dict]:
+        start = time.perf_counter()
+        for batch in predecoded:
+            stage(batch)
+        return n / (time.perf_counter() - start), {}
 
     # (b) plain single-process loop.
-    decode_s = model_s = 0.0
-    start = time.perf_counter()
-    for s in _batches(n, args.batch_size):
-        t0 = time.perf_counter()
-        batch = decode_batch(data[s])
-        t1 = time.perf_counter()
-        stage(batch)
-        decode_s += t1 - t0
-        model_s += time.perf_counter() - t1
-    results["plain_loop_images_per_s"] = n / (time.perf_counter() - start)
-    results["stage_split_s"]["plain_loop"] = {"decode": round(decode_s, 2), "model": round(model_s, 2)}
+    def plain_loop() -> tuple[float, dict]:
+        decode_s = model_s = 0.0
+        start = time.perf_counter()
+        for s in _batches(n, args.batch_size):
+            t0 = time.perf_counter()
+            batch = decode_batch(data[s])
+            t1 = time.perf_counter()
+            stage(batch)
+            decode_s += t1 - t0
+            model_s += time.perf_counter() - t1
+        return n / (time.perf_counter() - start), {"decode": round(decode_s, 2), "model": round(model_s, 2)}
 
-    if "device" in args.decode:
-        # (b') the same loop, decoding and resizing on the model's device (the GPU fast path).
+    # (b') the same loop, decoding and resizing on the model's device (the GPU fast path).
+    def device_decode_loop() -> tuple[float, dict]:
         from pipeline.device_decode import prepare_batch
 
         inputs = {"image_cls": cls_pre, "image_emb": emb_pre}
@@ -131,8 +130,27 @@ def bench_batch(args: argparse.Namespace) -> dict:
             stage({"id": np.arange(len(ok)), **images})
             decode_s += t1 - t0
             model_s += time.perf_counter() - t1
-        results["device_decode_loop_images_per_s"] = n / (time.perf_counter() - start)
-        results["stage_split_s"]["device_decode_loop"] = {"decode": round(decode_s, 2), "model": round(model_s, 2)}
+        return n / (time.perf_counter() - start), {"decode": round(decode_s, 2), "model": round(model_s, 2)}
+
+    measures = {"model_only": model_only, "plain_loop": plain_loop}
+    if "device" in args.decode:
+        measures["device_decode_loop"] = device_decode_loop
+    for batch in predecoded[:5]:  # warm-up: allocator, thread pools, cuDNN/oneDNN plans
+        stage(batch)
+    # Rounds of (a), (b), (b') in turn, so that a drift of the machine's speed hits all of them;
+    # the median of the rounds is reported, every round is kept in the JSON.
+    rounds: dict[str, list] = {name: [] for name in measures}
+    for _ in range(args.rounds):
+        for name, measure in measures.items():
+            rounds[name].append(measure())
+    for name, runs in rounds.items():
+        rates = sorted(rate for rate, _ in runs)
+        results[f"{name}_images_per_s"] = rates[len(rates) // 2]
+        results[f"{name}_rounds"] = [round(rate, 2) for rate, _ in runs]
+        if runs[0][1]:
+            results["stage_split_s"][name] = runs[-1][1]
+    predecoded.clear()
+    results["batch_size_sweep"] = _batch_size_sweep(stage, decode_batch, data, args.sweep_batch_sizes)
     if args.skip_ray:
         return results
 
@@ -177,11 +195,13 @@ def _batch_size_sweep(stage, decode_batch, data: list[bytes], sizes: list[int]) 
     rows = []
     for size in sizes:
         batches = [decode_batch(data[s]) for s in _batches(len(data), size)]
-        stage(batches[0])
+        for batch in batches[:3]:
+            stage(batch)
         start = time.perf_counter()
         for batch in batches:
             stage(batch)
-        rows.append({"batch_size": size, "model_only_images_per_s": round(len(data) / (time.perf_counter() - start), 2)})
+        rate = round(len(data) / (time.perf_counter() - start), 2)
+        rows.append({"batch_size": size, "model_only_images_per_s": rate})
     return rows
 
 
@@ -201,6 +221,7 @@ def plot_batch(results: dict, path: Path) -> None:
     for key, label in (("steady_images_per_s", "steady"), ("end_to_end_images_per_s", "end to end")):
         right.plot([r["actors"] for r in actors], [r[key] or 0 for r in actors], "o-", label=label)
     right.axhline(results["model_only_images_per_s"], color="grey", linestyle="--", label="(a) one process")
+    right.set_xticks([r["actors"] for r in actors])
     right.set(xlabel="model actors", ylabel="images/s", title="(c) Ray Data job vs model actors")
     right.legend()
     fig.suptitle(f"{results['classifier']} + {results['embedder']} on {results['device']} ({results['machine']})",
@@ -557,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="torch.compile the models (warm-up batches absorb the compilation)")
     batch.add_argument("--stages", nargs="+", default=["fused", "separate"], choices=["fused", "separate"])
     batch.add_argument("--address", default="local", help="Ray address for (c) (default: a new local Ray)")
+    batch.add_argument("--rounds", type=int, default=3, help="rounds of (a), (b), (b') in turn (default: 3)")
     batch.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "device"],
                        help="also measure decoding on the model's device (b') and in the job (default: cpu)")
     batch.add_argument("--skip-ray", action="store_true",
@@ -601,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.area == "batch":
         if args.limit < 1 or args.batch_size < 1:
             parser.error("--limit and --batch-size must be >= 1")
-        if min([*args.sweep_batch_sizes, *args.sweep_actors, 1]) < 1:
+        if min([*args.sweep_batch_sizes, *args.sweep_actors, args.rounds]) < 1:
             parser.error("sweep values must be >= 1")
         results = bench_batch(args)
         print_batch(results)

@@ -135,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary["workers"] = args.num_workers if args.ray else 1
     write_json_atomically(summary, args.output / "summary.json")
+    each = " per worker" if summary["workers"] > 1 else ""  # the figures are rank 0's
     print(f"\ntrained {summary['steps']} steps ({summary['steps_this_run']} this run, "
-          f"{summary['images_this_run']} images in {summary['seconds']} s, {summary['images_per_s']} images/s); "
-          f"loss {summary['first_loss']} -> {summary['last_loss']}")
+          f"{summary['images_this_run']} images{each} in {summary['seconds']} s, {summary['images_per_s']} "
+          f"images/s{each}); loss {summary['first_loss']} -> {summary['last_loss']}")
     print(f"embedder spec: {summary['embedder']}")
     return 0
 
