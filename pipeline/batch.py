@@ -345,19 +345,19 @@ class DecodeOnDevice:
 
     Args:
         stage: the model stage (ClassifyAndEmbed, ClassifyImages or EmbedImages instance).
+        device: the stage's model device (where the images are decoded).
         inputs: model input name -> preprocessing, as for DecodeImages.
         errors_dir: where error parts go.
         max_pixels: decode guard.
     """
 
-    def __init__(self, stage, inputs: dict[str, Preprocess], errors_dir: str | Path,
+    def __init__(self, stage, device: str, inputs: dict[str, Preprocess], errors_dir: str | Path,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.stage = stage
+        self.device = device
         self.inputs = {f"image_{name}": pre for name, pre in inputs.items()}
         self.errors_dir = Path(errors_dir)
         self.max_pixels = max_pixels
-        model = getattr(stage, "classify", None) or stage
-        self.device = (getattr(model, "classifier", None) or getattr(model, "embedder")).runtime.device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.device_decode import prepare_batch
@@ -385,4 +385,5 @@ class ClassifyAndEmbedOnDevice(DecodeOnDevice):
 
     def __init__(self, inputs: dict[str, Preprocess], errors_dir: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
                  **stage_kwargs) -> None:
-        super().__init__(ClassifyAndEmbed(**stage_kwargs), inputs, errors_dir, max_pixels)
+        stage = ClassifyAndEmbed(**stage_kwargs)
+        super().__init__(stage, stage.classify.classifier.runtime.device, inputs, errors_dir, max_pixels)

@@ -112,9 +112,11 @@ def prepare_batch(datas: list[bytes], preprocesses: dict[str, Preprocess], devic
     """
     images, errors = decode_batch(datas, device, max_pixels=max_pixels)
     ok = np.array([i for i, image in enumerate(images) if image is not None], dtype=np.int64)
-    batches = {}
-    for name, preprocess in preprocesses.items():
-        resized = [resize_on_device(images[i], preprocess) for i in ok]
-        batches[name] = torch.stack(resized) if resized else torch.zeros((0, *preprocess.size, 3), dtype=torch.uint8,
-                                                                       device=device)
+    by_preprocess: dict[Preprocess, torch.Tensor] = {}  # models that share a preprocess share a batch
+    for preprocess in preprocesses.values():
+        if preprocess not in by_preprocess:
+            resized = [resize_on_device(images[i], preprocess) for i in ok]
+            by_preprocess[preprocess] = torch.stack(resized) if resized else torch.zeros(
+                (0, *preprocess.size, 3), dtype=torch.uint8, device=device)
+    batches = {name: by_preprocess[preprocess] for name, preprocess in preprocesses.items()}
     return batches, ok, [(i, e) for i, e in enumerate(errors) if e is not None]

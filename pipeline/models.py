@@ -396,11 +396,12 @@ def _create_timm(spec: ModelSpec, cache_dir: str | None, **kwargs) -> torch.nn.M
     return model
 
 
-def _timm_preprocess(model: torch.nn.Module) -> Preprocess:
+def _timm_preprocess(model: torch.nn.Module, input_size: int | None = None) -> Preprocess:
+    """The model's eval preprocess (at ``input_size`` pixels square when given)."""
     import timm
 
     cfg = timm.data.resolve_model_data_config(model)
-    return Preprocess(
+    preprocess = Preprocess(
         size=tuple(cfg["input_size"][1:]),
         crop_pct=float(cfg.get("crop_pct") or 0.875),
         crop_mode=cfg.get("crop_mode") or "center",
@@ -408,6 +409,7 @@ def _timm_preprocess(model: torch.nn.Module) -> Preprocess:
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
     )
+    return dataclasses.replace(preprocess, size=(input_size, input_size)) if input_size else preprocess
 
 
 def _prepare(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
@@ -660,8 +662,7 @@ def load_embedder(spec: str | ModelSpec, runtime: Runtime | None = None, *,
         with _seeded():
             model = timm.create_model(spec.name, pretrained=False, num_classes=int(trained["dim"]))
         model.load_state_dict(_read_state_dict(spec.weight_file), strict=True)
-        size = int(trained["input_size"])
-        preprocess = dataclasses.replace(_timm_preprocess(model), size=(size, size))
+        preprocess = _timm_preprocess(model, int(trained["input_size"]))
         return Embedder(_prepare(model, runtime), spec, preprocess, int(trained["dim"]), runtime)
     raise ValueError(f"embedders are open_clip or timm models; got {spec}")
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from pipeline.images import Preprocess
-from pipeline.models import EMBEDDING_FORMAT, ModelSpec, _create_timm, _timm_preprocess, as_spec
+from pipeline.models import (EMBEDDING_FORMAT, ModelSpec, Runtime, _create_timm, _timm_preprocess, as_spec,
+                             to_model_input)
 
 MINING = ("batch-hard", "semi-hard")
 
@@ -82,13 +83,7 @@ def create_embedding_model(config: TripletConfig) -> tuple[torch.nn.Module, Prep
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / head.weight.shape[1] ** 0.5)
         head.bias.zero_()
-    return model, embedding_preprocess(model, config.input_size)
-
-
-def embedding_preprocess(model: torch.nn.Module, input_size: int | None) -> Preprocess:
-    """The model's eval preprocess, at ``input_size`` when given."""
-    preprocess = _timm_preprocess(model)
-    return dataclasses.replace(preprocess, size=(input_size, input_size)) if input_size else preprocess
+    return model, _timm_preprocess(model, config.input_size)
 
 
 def pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
@@ -271,8 +266,6 @@ def train(config: TripletConfig, paths: list[str], labels: list[str], output: Pa
     classes = {c: i for i, c in enumerate(sorted(set(labels)))}
     label_ids = np.array([classes[c] for c in labels])
     runtime_device = torch.device(device)
-    from pipeline.models import Runtime, to_model_input
-
     runtime = Runtime(device=device)
     scaler = torch.amp.GradScaler(runtime_device.type, enabled=autocast_dtype == torch.float16)
     model.train()
