@@ -5,14 +5,18 @@ ratios, not absolute numbers from different runs).
     python -m jobs.benchmark index [--rows 1000000] [--dim 512] [--classes 20000]
 
 ``batch`` measures on the same images and models:
-  (a) model-only ceiling: forward passes on pre-decoded, pre-resized images in one process;
-      also per batch size (``--sweep-batch-sizes``);
-  (b) plain loop: read + decode + resize + forward, one process, batch by batch;
+  (a) model-only ceiling: forward passes on pre-decoded, pre-resized images already on the model's
+      device, one process; also per batch size (``--sweep-batch-sizes``);
+  (b) plain loop: decode + resize + forward, one process, batch by batch;
   (b') with ``--decode cpu device``: the same loop decoding JPEGs on the model's device;
+  (d) pipelined, one process, like a job's model actor: decoding threads work ahead and the stage
+      takes two calls at a time, so one batch's copy to the device overlaps the other's compute;
+  (d') with ``--decode cpu device``: the same, decoding on the device (decode overlaps compute);
   (c) the Ray Data job (``jobs.embed``), steady state and end to end, for each --stages choice
       (and ``--decode device``), and per number of model actors (``--sweep-actors``);
 and prints images/s and the ratios to (a) and (b); ``--plot FILE.png`` draws the two sweeps.
-``--skip-ray`` measures (a), (b) and (b') only: the pipeline stages directly, where Ray is absent.
+``--skip-ray`` measures (a), (b), (b'), (d) and (d') only: the pipeline stages directly, where Ray
+is absent. (d)/(a) and (d')/(a) are the end-to-end-from-JPEG-bytes ratios of one model device.
 
 ``index`` builds an index from synthetic embeddings (Zipf-like class sizes) with the real builder
 and measures: build time and peak memory, class-restricted search latency per query (p50/p99),
@@ -66,7 +70,7 @@ def _batches(n: int, size: int):
 def bench_batch(args: argparse.Namespace) -> dict:
     import torch
 
-    from pipeline.batch import ClassifyAndEmbed
+    from pipeline.batch import ClassifyAndEmbed, DecodeOnDevice
     from pipeline.models import load_classifier, load_embedder, select_runtime
 
     threads = args.threads or os.cpu_count() or 1
@@ -92,12 +96,13 @@ def bench_batch(args: argparse.Namespace) -> dict:
                      "classifier": args.classifier, "embedder": args.embedder, "device": runtime.device,
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "stage_split_s": {}}
 
-    # (a) model only: everything decoded beforehand, untimed.
+    # (a) model only: everything decoded beforehand and already on the device, untimed.
     predecoded = [decode_batch(data[s]) for s in _batches(n, args.batch_size)]
+    on_device = [{k: v if k == "id" else stage.staging.to_device(v) for k, v in b.items()} for b in predecoded]
 
     def model_only() -> tuple[float, dict]:
         start = time.perf_counter()
-        for batch in predecoded:
+        for batch in on_device:
             stage(batch)
         return n / (time.perf_counter() - start), {}
 
@@ -115,27 +120,61 @@ def bench_batch(args: argparse.Namespace) -> dict:
         return n / (time.perf_counter() - start), {"decode": round(decode_s, 2), "model": round(model_s, 2)}
 
     # (b') the same loop, decoding and resizing on the model's device (the GPU fast path).
-    def device_decode_loop() -> tuple[float, dict]:
-        from pipeline.device_decode import prepare_batch
+    errors = tempfile.TemporaryDirectory()
+    on_device_decode = DecodeOnDevice(stage, runtime.device, {"cls": cls_pre, "emb": emb_pre}, errors.name)
 
-        inputs = {"image_cls": cls_pre, "image_emb": emb_pre}
+    def raw_batch(chunk: list[bytes]) -> dict[str, np.ndarray]:
+        return {"id": np.arange(len(chunk)), "uri": np.array([""] * len(chunk), dtype=object),
+                "label": np.array([""] * len(chunk), dtype=object), "data": np.array(chunk + [b""], dtype=object)[:-1],
+                "read_error": np.array([""] * len(chunk), dtype=object), "read_s": np.zeros(len(chunk), np.float32)}
+
+    def device_decode_loop() -> tuple[float, dict]:
         decode_s = model_s = 0.0
         start = time.perf_counter()
         for s in _batches(n, args.batch_size):
-            t0 = time.perf_counter()
-            images, ok, _ = prepare_batch(data[s], inputs, runtime.device)
-            if runtime.device != "cpu":
-                torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            stage({"id": np.arange(len(ok)), **images})
-            decode_s += t1 - t0
-            model_s += time.perf_counter() - t1
+            out = on_device_decode(raw_batch(data[s]))
+            decode_s += float(out["decode_s"].sum())
+            model_s += float(out["model_s"].sum())
         return n / (time.perf_counter() - start), {"decode": round(decode_s, 2), "model": round(model_s, 2)}
 
-    measures = {"model_only": model_only, "plain_loop": plain_loop}
+    # (d) pipelined like a job's model actor, in one process: decoding threads work ahead, and the
+    # stage takes two calls at a time (one stages its batch while the other computes).
+    def pipelined(make_batch, call, workers: int) -> tuple[float, dict]:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        split = {"decode": 0.0, "model": 0.0}
+
+        def timed(chunk):
+            t0 = time.perf_counter()
+            return make_batch(chunk), time.perf_counter() - t0
+
+        def done(out: dict) -> None:
+            split["model"] += float(out["model_s"].sum())
+            split["decode"] += float(out["decode_s"].sum()) if "decode_s" in out else 0.0
+
+        start = time.perf_counter()
+        slices, decodes, calls = deque(_batches(n, args.batch_size)), deque(), deque()
+        with ThreadPoolExecutor(workers) as decoders, ThreadPoolExecutor(2) as callers:
+            while slices or decodes:
+                while slices and len(decodes) < 2 * workers:  # decode ahead
+                    decodes.append(decoders.submit(timed, data[slices.popleft()]))
+                batch, seconds = decodes.popleft().result()
+                split["decode"] += seconds
+                if len(calls) == 2:  # at most two calls in the stage, as in a job's model actor
+                    done(calls.popleft().result())
+                calls.append(callers.submit(call, batch))
+            for future in calls:
+                done(future.result())
+        return n / (time.perf_counter() - start), {k: round(v, 2) for k, v in split.items()}
+
+    workers = args.decode_workers or os.cpu_count() or 1
+    measures = {"model_only": model_only, "plain_loop": plain_loop,
+                "pipelined": lambda: pipelined(decode_batch, stage, workers)}
     if "device" in args.decode:
         measures["device_decode_loop"] = device_decode_loop
-    for batch in predecoded[:5]:  # warm-up: allocator, thread pools, cuDNN/oneDNN plans
+        measures["pipelined_device_decode"] = lambda: pipelined(raw_batch, on_device_decode, 1)
+    for batch in on_device[:5]:  # warm-up: allocator, thread pools, cuDNN/oneDNN plans
         stage(batch)
     # Rounds of (a), (b), (b') in turn, so that a drift of the machine's speed hits all of them;
     # the median of the rounds is reported, every round is kept in the JSON.
@@ -148,8 +187,11 @@ def bench_batch(args: argparse.Namespace) -> dict:
         results[f"{name}_images_per_s"] = rates[len(rates) // 2]
         results[f"{name}_rounds"] = [round(rate, 2) for rate, _ in runs]
         if runs[0][1]:
-            results["stage_split_s"][name] = runs[-1][1]
+            results["stage_split_s"][name] = {**runs[-1][1], "wall": round(n / runs[-1][0], 2)}  # last round
     predecoded.clear()
+    on_device.clear()
+    errors.cleanup()
+    results["decode_workers"] = workers
     results["batch_size_sweep"] = _batch_size_sweep(stage, decode_batch, data, args.sweep_batch_sizes)
     if args.skip_ray:
         return results
@@ -239,10 +281,12 @@ def print_batch(results: dict) -> None:
     print(f"{'measurement':<34}{'images/s':>10}{'vs (a)':>9}{'vs (b)':>9}")
     print(f"{'(a) model only (pre-decoded)':<34}{a:>10.1f}{1:>9.2f}{a / b:>9.2f}")
     print(f"{'(b) plain loop (decode + model)':<34}{b:>10.1f}{b / a:>9.2f}{1:>9.2f}")
-    if "device_decode_loop_images_per_s" in results:
-        d = results["device_decode_loop_images_per_s"]
-        label = "(b') plain loop, device decode"
-        print(f"{label:<34}{d:>10.1f}{d / a:>9.2f}{d / b:>9.2f}")
+    for key, label in (("device_decode_loop", "(b') plain loop, device decode"),
+                       ("pipelined", "(d) pipelined, CPU decode"),
+                       ("pipelined_device_decode", "(d') pipelined, device decode")):
+        if f"{key}_images_per_s" in results:
+            d = results[f"{key}_images_per_s"]
+            print(f"{label:<34}{d:>10.1f}{d / a:>9.2f}{d / b:>9.2f}")
     for key, value in results.items():
         if key.startswith("ray_"):
             for kind in ("steady", "end_to_end"):
@@ -250,8 +294,9 @@ def print_batch(results: dict) -> None:
                 if c:
                     label = f"(c) Ray Data, {key[4:]}, {kind.replace('_', ' ')}"
                     print(f"{label:<34}{c:>10.1f}{c / a:>9.2f}{c / b:>9.2f}")
-    for loop, split in results["stage_split_s"].items():
-        print(f"{loop.replace('_', ' ')} time split: decode {split['decode']} s, model {split['model']} s")
+    for loop, split in results["stage_split_s"].items():  # busy seconds; (d) overlaps them
+        print(f"{loop.replace('_', ' ')}, last round: decode {split['decode']} s, model {split['model']} s busy; "
+              f"{split['wall']} s wall")
     for row in results.get("batch_size_sweep", []):
         print(f"(a) model only, batch {row['batch_size']:<4}{row['model_only_images_per_s']:>20.1f}")
     for row in results.get("actors_sweep", []):
@@ -578,7 +623,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="torch.compile the models (warm-up batches absorb the compilation)")
     batch.add_argument("--stages", nargs="+", default=["fused", "separate"], choices=["fused", "separate"])
     batch.add_argument("--address", default="local", help="Ray address for (c) (default: a new local Ray)")
-    batch.add_argument("--rounds", type=int, default=3, help="rounds of (a), (b), (b') in turn (default: 3)")
+    batch.add_argument("--rounds", type=int, default=3, help="rounds of every measurement in turn (default: 3)")
+    batch.add_argument("--decode-workers", type=int,
+                       help="decoding threads of the pipelined loop (d) (default: one per CPU)")
     batch.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "device"],
                        help="also measure decoding on the model's device (b') and in the job (default: cpu)")
     batch.add_argument("--skip-ray", action="store_true",

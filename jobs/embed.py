@@ -326,8 +326,12 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     # The memory request reserves room for the models. Being set only here, it also keeps Ray Data
     # from fusing the decode tasks into the model actors (fusion needs identical resource
     # requests), so decoding stays spread over all CPUs instead of running inside the actors.
+    # Two calls at a time per model actor: while one batch computes, the next one is copied (or
+    # decoded) to the device and the previous one written (pipeline.batch.ModelStage keeps the
+    # computes one at a time, so memory holds one batch's activations).
+    pool = ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
     model_args = dict(batch_size=batch_size, num_gpus=num_gpus, num_cpus=model_cpus,
-                      memory=config.model_memory_gb * 2**30, compute=ActorPoolStrategy(size=actors))
+                      memory=config.model_memory_gb * 2**30, compute=pool)
     write_to = dict(out_dir=str(out / "embeddings"), dim=dim, embedding_dtype=config.embedding_dtype)
     if config.decode == "device":
         return batch_size, ds.map_batches(_on_ray(ClassifyAndEmbedOnDevice, writes=True), fn_constructor_kwargs=dict(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -178,12 +179,53 @@ def _strip_images(batch: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[
     return {k: v for k, v in batch.items() if k not in names}
 
 
-def _add_seconds(out: dict[str, np.ndarray], start: float, n: int) -> None:
-    spent = np.float32((time.perf_counter() - start) / max(n, 1))
+def _add_seconds(out: dict[str, np.ndarray], seconds: float, n: int) -> None:
+    spent = np.float32(seconds / max(n, 1))
     out["model_s"] = out["model_s"] + spent if "model_s" in out else np.full(n, spent, np.float32)
 
 
-class ClassifyImages:
+class ModelStage:
+    """Base of the model stages: a call stages its images, then computes, one compute at a time.
+
+    *Staging* puts the ``image_*`` columns on the model's device (pinned, non-blocking copies on a
+    side stream, :class:`pipeline.staging.Staging`); *compute* runs the models under a lock. The
+    job's model actors take two calls at a time, so the next batch's copy (or, with
+    :class:`DecodeOnDevice`, its decoding) runs while this batch computes. ``model_s`` counts the
+    compute only. On a CPU the staging is a pass-through.
+    """
+
+    image_columns: tuple[str, ...] = ()
+
+    def _init_stage(self, device: str) -> None:
+        from pipeline.staging import Staging
+
+        self.staging = Staging(device)
+        self._compute_lock = threading.Lock()
+
+    def stage(self, batch: dict[str, np.ndarray]):
+        """The batch with its image columns on the device, and the event that marks their arrival."""
+        columns = [name for name in self.image_columns if name in batch]
+        moved, event = self.staging.run(lambda: {name: self.staging.to_device(batch[name]) for name in columns})
+        return {**batch, **moved}, event
+
+    def compute(self, batch: dict) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch.get("id", ())):
+            return {}
+        staged, event = self.stage(batch)
+        if not len(staged.get("id", ())):
+            return {}
+        with self._compute_lock:
+            start = time.perf_counter()
+            self.staging.ready(event, [staged[name] for name in self.image_columns if name in staged])
+            out = self.compute(staged)
+            _add_seconds(out, time.perf_counter() - start, len(out["id"]))
+        return out
+
+
+class ClassifyImages(ModelStage):
     """Adds ``classes`` and ``class_probs`` (top-n) from ``image_cls``.
 
     Args:
@@ -193,6 +235,8 @@ class ClassifyImages:
         precision: see :func:`pipeline.models.select_runtime`.
     """
 
+    image_columns = ("image_cls",)
+
     def __init__(self, classifier: str, top_n: int = 5, device: str = "auto", precision: str = "auto",
                  threads: int | None = None, compile: str | None = None) -> None:
         from pipeline.models import load_classifier, select_runtime
@@ -200,19 +244,16 @@ class ClassifyImages:
         _set_threads(threads)
         self.classifier = load_classifier(classifier, select_runtime(device, precision, compile))
         self.top_n = top_n
+        self._init_stage(self.classifier.runtime.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not len(batch.get("id", ())):
-            return {}
-        start = time.perf_counter()
+    def compute(self, batch: dict) -> dict[str, np.ndarray]:
         indices, values = self.classifier.classify(batch["image_cls"], self.top_n)
         out = _strip_images(batch, ("image_cls",))
         out["classes"], out["class_probs"] = indices, values
-        _add_seconds(out, start, len(indices))
         return out
 
 
-class EmbedImages:
+class EmbedImages(ModelStage):
     """Adds ``embedding`` (L2-normalised) from ``image_emb``.
 
     Args:
@@ -222,6 +263,8 @@ class EmbedImages:
         embedding_dtype: ``float32`` or ``float16`` in the output.
     """
 
+    image_columns = ("image_emb",)
+
     def __init__(self, embedder: str, device: str = "auto", precision: str = "auto",
                  embedding_dtype: str = "float32", threads: int | None = None, compile: str | None = None) -> None:
         from pipeline.models import load_embedder, select_runtime
@@ -229,19 +272,16 @@ class EmbedImages:
         _set_threads(threads)
         self.embedder = load_embedder(embedder, select_runtime(device, precision, compile))
         self.embedding_dtype = np.dtype(embedding_dtype)
+        self._init_stage(self.embedder.runtime.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not len(batch.get("id", ())):
-            return {}
-        start = time.perf_counter()
+    def compute(self, batch: dict) -> dict[str, np.ndarray]:
         embedding = self.embedder.embed_images(batch["image_emb"])
         out = _strip_images(batch, ("image_emb",))
         out["embedding"] = embedding.astype(self.embedding_dtype)
-        _add_seconds(out, start, len(embedding))
         return out
 
 
-class ClassifyAndEmbed:
+class ClassifyAndEmbed(ModelStage):
     """Classifies and embeds a batch in one actor (one copy of the images per device).
 
     When the classifier and the embedder are the same timm model, one forward pass gives both the
@@ -258,6 +298,8 @@ class ClassifyAndEmbed:
         compile: a torch.compile backend (e.g. inductor), or None.
     """
 
+    image_columns = ("image_cls", "image_emb")
+
     def __init__(self, classifier: str, embedder: str, top_n: int = 5, device: str = "auto",
                  precision: str = "auto", embedding_dtype: str = "float32", threads: int | None = None,
                  compile: str | None = None) -> None:
@@ -269,17 +311,19 @@ class ClassifyAndEmbed:
                                                           compile)
         self.top_n = top_n
         self.embedding_dtype = np.dtype(embedding_dtype)
+        self._init_stage(self.classify.classifier.runtime.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not len(batch.get("id", ())):
-            return {}
+    def stage(self, batch: dict[str, np.ndarray]):
+        # One model reads image_cls for both outputs: copy only that.
+        return super().stage(_strip_images(batch, ("image_emb",)) if self.shared else batch)
+
+    def compute(self, batch: dict) -> dict[str, np.ndarray]:
         if not self.shared:
-            return self.embed(self.classify(batch))
+            return self.embed.compute(self.classify.compute(batch))
         import torch
 
         from pipeline.models import to_model_input
 
-        start = time.perf_counter()
         clf = self.classify.classifier
         with clf.runtime.inference():
             x = to_model_input(batch["image_cls"], clf.preprocess, clf.runtime)
@@ -291,7 +335,6 @@ class ClassifyAndEmbed:
         out["classes"] = indices.cpu().numpy().astype(np.int32)
         out["class_probs"] = values.cpu().numpy().astype(np.float32)
         out["embedding"] = embedding.astype(self.embedding_dtype)
-        _add_seconds(out, start, len(embedding))
         return out
 
 
@@ -336,12 +379,13 @@ class WriteParts:
                 "written_at": np.array([time.time()])}
 
 
-class DecodeOnDevice:
+class DecodeOnDevice(ModelStage):
     """The GPU fast path: runs a model stage on raw image bytes, decoding them on its device.
 
     Takes :class:`ReadShards` batches (``data`` bytes) instead of :class:`DecodeImages` output:
     JPEGs are decoded and resized on the model's device (:mod:`pipeline.device_decode`), other
     formats and rejected files on the CPU; failures become error rows exactly as in DecodeImages.
+    The decoding is this stage's staging, so it overlaps the previous batch's compute.
 
     Args:
         stage: the model stage (ClassifyAndEmbed, ClassifyImages or EmbedImages instance).
@@ -351,33 +395,36 @@ class DecodeOnDevice:
         max_pixels: decode guard.
     """
 
-    def __init__(self, stage, device: str, inputs: dict[str, Preprocess], errors_dir: str | Path,
+    def __init__(self, stage: ModelStage, device: str, inputs: dict[str, Preprocess], errors_dir: str | Path,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.stage = stage
-        self.device = device
+        self.model_stage = stage
         self.inputs = {f"image_{name}": pre for name, pre in inputs.items()}
+        self.image_columns = tuple(self.inputs)
         self.errors_dir = Path(errors_dir)
         self.max_pixels = max_pixels
+        self._init_stage(device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def stage(self, batch: dict[str, np.ndarray]):
         from pipeline.device_decode import prepare_batch
 
         start = time.perf_counter()
         readable = [i for i, error in enumerate(batch["read_error"]) if not error]
         failures = [(int(batch["id"][i]), str(batch["uri"][i]), "read", "unreadable", str(batch["read_error"][i]))
                     for i in range(len(batch["id"])) if batch["read_error"][i]]
-        images, ok, errors = prepare_batch([bytes(batch["data"][i]) for i in readable], self.inputs, self.device,
-                                           max_pixels=self.max_pixels)
+        (images, ok, errors), event = self.staging.run(lambda: prepare_batch(
+            [bytes(batch["data"][i]) for i in readable], self.inputs, self.staging.device,
+            max_pixels=self.max_pixels))
         failures += [(int(batch["id"][readable[i]]), str(batch["uri"][readable[i]]), "decode", exc.reason, str(exc))
                      for i, exc in errors]
         write_errors(failures, self.errors_dir)
-        if not len(ok):
-            return {}
         idx = np.array(readable, dtype=np.int64)[ok]
         seconds = np.float32((time.perf_counter() - start) / max(len(batch["id"]), 1))
         decoded = {"id": batch["id"][idx], "uri": batch["uri"][idx], "label": batch["label"][idx],
                    "read_s": batch["read_s"][idx], "decode_s": np.full(len(idx), seconds, np.float32), **images}
-        return self.stage(decoded)
+        return decoded, event
+
+    def compute(self, batch: dict) -> dict[str, np.ndarray]:
+        return self.model_stage.compute(batch)
 
 
 class ClassifyAndEmbedOnDevice(DecodeOnDevice):
