@@ -539,10 +539,14 @@ def bench_serve(args: argparse.Namespace) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/search"
     results["graph"] = {}
-    for label, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
-        serve.run(build_app({"index": args.index, "max_batch_size": batch}), name="lookalike", route_prefix="/")
+    variants = [("batched", args.max_batch_size, "cpu"), ("unbatched", 1, "cpu")]
+    if "device" in args.decode:  # the replicas decode uploads on their device (the GPU fast path)
+        variants.append(("batched, device decode", args.max_batch_size, "device"))
+    for label, batch, decode in variants:
+        serve.run(build_app({"index": args.index, "max_batch_size": batch, "decode": decode}),
+                  name="lookalike", route_prefix="/")
         _load(url, payloads, 1, 5, 60)  # warm-up
-        levels = (1, 8, 32) if label == "batched" else (8,)
+        levels = (8,) if label == "unbatched" else (1, 8, 32)
         results["graph"][label] = [_load(url, payloads, c, args.requests, args.seconds) for c in levels]
         serve.delete("lookalike")
 
@@ -591,16 +595,16 @@ def _autoscaling_app(args: argparse.Namespace):
 
 def print_serve(results: dict) -> None:
     print(f"\nserve benchmark: index {results['index']} ({results['machine']}), loopback HTTP")
-    print(f"{'':<28}{'conc.':>6}{'QPS':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    print(f"{'':<36}{'conc.':>6}{'QPS':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'failed':>8}")
     for row in results["direct"]:
-        print(f"{'direct (one process)':<28}{row['concurrency']:>6}{row['qps']:>8}{row['p50_ms']:>9}"
+        print(f"{'direct (one process)':<36}{row['concurrency']:>6}{row['qps']:>8}{row['p50_ms']:>9}"
               f"{row['p95_ms']:>9}{row['p99_ms']:>9}{'-':>8}")
     for label, rows in results["graph"].items():
         for row in rows:
-            print(f"{'graph, ' + label:<28}{row['concurrency']:>6}{row['qps']:>8}{row['p50_ms']:>9}"
+            print(f"{'graph, ' + label:<36}{row['concurrency']:>6}{row['qps']:>8}{row['p50_ms']:>9}"
                   f"{row['p95_ms']:>9}{row['p99_ms']:>9}{row['failed']:>8}")
     soak = results["soak"]
-    print(f"{'soak (replica killed)':<28}{soak['concurrency']:>6}{soak['qps']:>8}{soak['p50_ms']:>9}"
+    print(f"{'soak (replica killed)':<36}{soak['concurrency']:>6}{soak['qps']:>8}{soak['p50_ms']:>9}"
           f"{soak['p95_ms']:>9}{soak['p99_ms']:>9}{soak['failed']:>8}")
     print(f"killed: {results.get('killed_replica', 'none')}; failure kinds: {soak['failure_kinds'] or 'none'}")
     print(f"replicas before {results['replicas_before']}, max during {results['replicas_max_during']}, "
@@ -661,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--soak", type=float, default=120, help="seconds of the soak with a replica killed")
     srv.add_argument("--cooldown", type=float, default=30, help="idle seconds before counting replicas again")
     srv.add_argument("--max-batch-size", type=int, default=16)
+    srv.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "device"],
+                     help="also measure the graph with uploads decoded on the model device (--decode cpu device)")
     srv.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

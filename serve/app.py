@@ -3,8 +3,10 @@
     Ingress (FastAPI) -> Detector (optional crop) -> Classifier + Embedder -> Retriever(s) -> merge
 
 Run it with ``serve run serve/config.yaml`` or ``serve run serve.app:build_app index=out/demo-index``.
-The ingress decodes each upload once (exactly as the gallery was decoded), the model deployments
-batch concurrent requests (``@serve.batch``), and each retriever owns some of the index's shards.
+The ingress decodes each upload once (exactly as the gallery was decoded) — or, with
+``decode: device``, the model deployments decode their batch of uploads on their GPU — the model
+deployments batch concurrent requests (``@serve.batch``), and each retriever owns some of the
+index's shards.
 """
 
 
@@ -20,6 +22,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode_image, resize_image
@@ -48,6 +51,9 @@ class AppConfig:
         max_batch_size: most requests a model deployment batches into one forward pass.
         batch_wait_timeout_s: how long a model deployment waits to fill a batch.
         device: model device in the replicas (``auto``, ``cpu``, ``cuda``).
+        decode: where uploads are decoded: ``cpu`` (the ingress) or ``device`` (the classifier and
+            embedder replicas decode their batch of JPEG bytes on their device, the GPU fast path;
+            other formats fall back to their CPU). Cropped queries are decoded by the ingress.
         crop_policy: thresholds of :class:`pipeline.models.CropPolicy`.
         model_autoscaling: an ``autoscaling_config`` for the classifier and embedder deployments.
     """
@@ -64,12 +70,15 @@ class AppConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     device: str = "auto"
+    decode: str = "cpu"
     crop_policy: dict = field(default_factory=dict)
     model_autoscaling: dict | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in ("auto", "off"):
             raise ValueError(f"crop must be auto or off, got {self.crop!r}")
+        if self.decode not in ("cpu", "device"):
+            raise ValueError(f"decode must be cpu or device, got {self.decode!r}")
         if self.top_n < 1 or self.max_batch_size < 1 or self.max_body_mb <= 0 or self.batch_wait_timeout_s < 0:
             raise ValueError("top_n and max_batch_size must be >= 1, max_body_mb > 0, batch_wait_timeout_s >= 0")
         CropPolicy(**self.crop_policy)
@@ -84,35 +93,70 @@ def _preprocess(manifest: dict, role: str) -> Preprocess:
 # Model and index deployments (thin: each holds a pipeline object)
 
 
+def _decode_on_device(model, datas: list[bytes], max_pixels: int) -> tuple[object, list[int], dict[int, str]]:
+    """A batch of uploads decoded and resized on the model's device (pipeline.device_decode).
+
+    Returns:
+        The uint8 batch of the images that decoded, their positions, and position -> error message.
+    """
+    from pipeline.device_decode import prepare_batch
+
+    images, ok, errors = prepare_batch(datas, {"x": model.preprocess}, model.runtime.device, max_pixels=max_pixels)
+    return images["x"], [int(i) for i in ok], {i: str(exc) for i, exc in errors}
+
+
+def _in_order(count: int, ok: list[int], answers: list, errors: dict[int, str]) -> list:
+    """Per-request answers of a batch: the model's answer, or ``{"error": message}`` where decoding failed."""
+    out: list = [{"error": errors.get(i, "not decoded")} for i in range(count)]
+    for i, answer in zip(ok, answers):
+        out[i] = answer
+    return out
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Classifier:
-    """Top classes with probabilities for images already resized to the classifier's input."""
+    """Top classes with probabilities for images already resized to the classifier's input, or for
+    encoded uploads (``decode: device``)."""
 
-    def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         from pipeline.models import load_classifier, select_runtime
 
         self.model = load_classifier(spec, select_runtime(device))
-        self.classify.set_max_batch_size(max_batch_size)
-        self.classify.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.max_pixels = max_pixels
+        for method in (self.classify, self.classify_encoded):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    @serve.batch
-    async def classify(self, images: list[np.ndarray]) -> list[list[dict]]:
-        indices, probs = self.model.classify(np.stack(images), top_n=5)
+    def _answers(self, images) -> list[list[dict]]:
+        indices, probs = self.model.classify(images, top_n=5)
         labels = self.model.labels
         return [[{"index": int(i), "synset": labels.id_of(int(i)), "name": labels.name_of(int(i)),
                   "probability": round(float(p), 4)} for i, p in zip(row_i, row_p)]
                 for row_i, row_p in zip(indices, probs)]
 
+    @serve.batch
+    async def classify(self, images: list[np.ndarray]) -> list[list[dict]]:
+        return self._answers(np.stack(images))
+
+    @serve.batch
+    async def classify_encoded(self, datas: list[bytes]) -> list[list[dict] | dict]:
+        images, ok, errors = _decode_on_device(self.model, datas, self.max_pixels)
+        return _in_order(len(datas), ok, self._answers(images) if ok else [], errors)
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Embedder:
-    """L2-normalised embeddings of images (and texts, for CLIP models)."""
+    """L2-normalised embeddings of images (and texts, for CLIP models), or of encoded uploads
+    (``decode: device``)."""
 
-    def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         from pipeline.models import load_embedder, select_runtime
 
         self.model = load_embedder(spec, select_runtime(device))
-        for method in (self.embed, self.embed_text):
+        self.max_pixels = max_pixels
+        for method in (self.embed, self.embed_encoded, self.embed_text):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -122,6 +166,11 @@ class Embedder:
     @serve.batch
     async def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
         return list(self.model.embed_images(np.stack(images)))
+
+    @serve.batch
+    async def embed_encoded(self, datas: list[bytes]) -> list[np.ndarray | dict]:
+        images, ok, errors = _decode_on_device(self.model, datas, self.max_pixels)
+        return _in_order(len(datas), ok, list(self.model.embed_images(images)) if ok else [], errors)
 
     @serve.batch
     async def embed_text(self, texts: list[str]) -> list[np.ndarray]:
@@ -167,6 +216,29 @@ class Retriever:
 
 # --------------------------------------------------------------------------------------------
 # Ingress
+
+
+async def _ask(method, *args, attempts: int = 3):
+    """Calls a deployment method, again if its replica died mid-request (killed, node lost): every
+    call the ingress makes is idempotent, and Serve routes the retry to a live or replacement replica."""
+    for attempt in range(attempts):
+        try:
+            return await method.remote(*args)
+        except (ActorDiedError, ActorUnavailableError) as exc:
+            if attempt == attempts - 1:
+                raise
+            logger.warning("a replica failed mid-request (%s); asking again", type(exc).__name__)
+            await asyncio.sleep(0.2 * (attempt + 1))
+
+
+def _image_size(data: bytes) -> list[int]:
+    """[height, width] of an image as decoded (EXIF rotation applied), from its header only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        rotated = img.getexif().get(0x0112) in (5, 6, 7, 8)
+    return [width, height] if rotated else [height, width]
 
 
 app = FastAPI(title="lookalike", description="Find the gallery images most similar to a query image.")
@@ -220,9 +292,20 @@ class Ingress:
         draft = max(self.cls_pre.draft_size, self.emb_pre.draft_size)
         return decode_image(data, max_pixels=self.max_pixels, draft_size=draft)
 
+    async def _classify_and_embed_encoded(self, data: bytes) -> tuple[list[int], list[dict], np.ndarray]:
+        """``decode: device``: the model replicas decode the upload on their device."""
+        if not data:
+            raise HTTPException(400, "cannot decode the image: empty: the request has no image")
+        classes, vector = await asyncio.gather(_ask(self.classifier.classify_encoded, data),
+                                               _ask(self.embedder.embed_encoded, data))
+        for answer in (classes, vector):
+            if isinstance(answer, dict):
+                raise HTTPException(400, f"cannot decode the image: {answer['error']}")
+        return await asyncio.to_thread(_image_size, data), classes, vector
+
     async def _merge(self, vector: np.ndarray, classes: list[int], k: int, mode: str,
                      min_score: float | None) -> list[dict]:
-        answers = await asyncio.gather(*(r.search.remote(vector, classes, k, mode, min_score)
+        answers = await asyncio.gather(*(_ask(r.search, vector, classes, k, mode, min_score)
                                          for r in self.retrievers))
         merged = [hit for answer in answers for hit in answer]
         merged.sort(key=lambda h: -h["score"])
@@ -236,18 +319,22 @@ class Ingress:
                      min_score: float | None = Query(None, ge=-1.0, le=1.0)) -> JSONResponse:
         """Upload an image (raw body or a multipart file field); get its classes and similar images."""
         data = await _read_upload(request, self.limit)
-        try:
-            image = await asyncio.to_thread(self._decode, data)
-        except ImageDecodeError as exc:
-            raise HTTPException(400, f"cannot decode the image: {exc}") from None
-        box, size = None, list(image.shape[:2])
-        if (crop or self.config.crop) == "auto" and self.detector is not None:
-            box = await self.detector.crop_box.remote(image)
-            image = crop_image(image, box)
-        cls_img, emb_img = await asyncio.to_thread(
-            lambda: (resize_image(image, self.cls_pre), resize_image(image, self.emb_pre)))
-        classes, vector = await asyncio.gather(self.classifier.classify.remote(cls_img),
-                                               self.embedder.embed.remote(emb_img))
+        cropping = (crop or self.config.crop) == "auto" and self.detector is not None
+        if self.config.decode == "device" and not cropping:
+            box, (size, classes, vector) = None, await self._classify_and_embed_encoded(data)
+        else:
+            try:
+                image = await asyncio.to_thread(self._decode, data)
+            except ImageDecodeError as exc:
+                raise HTTPException(400, f"cannot decode the image: {exc}") from None
+            box, size = None, list(image.shape[:2])
+            if cropping:
+                box = await _ask(self.detector.crop_box, image)
+                image = crop_image(image, box)
+            cls_img, emb_img = await asyncio.to_thread(
+                lambda: (resize_image(image, self.cls_pre), resize_image(image, self.emb_pre)))
+            classes, vector = await asyncio.gather(_ask(self.classifier.classify, cls_img),
+                                                   _ask(self.embedder.embed, emb_img))
         hits = await self._merge(vector, [c["index"] for c in classes[: self.config.top_n]], k, mode, min_score)
         return JSONResponse({"mode": mode, "crop_box": list(box) if box else None, "image_size": size,
                              "classes": classes, "results": hits})
@@ -257,16 +344,16 @@ class Ingress:
                           k: int = Query(5, ge=1, le=100),
                           min_score: float | None = Query(None, ge=-1.0, le=1.0)) -> JSONResponse:
         """Text-to-image search over the whole gallery (CLIP embedders only)."""
-        if not await self.embedder.has_text.remote():
+        if not await _ask(self.embedder.has_text):
             raise HTTPException(501, "this index's embedder has no text tower; text search needs a CLIP embedder")
-        vector = await self.embedder.embed_text.remote(q)
+        vector = await _ask(self.embedder.embed_text, q)
         return JSONResponse({"mode": "global", "query": q, "results": await self._merge(vector, [], k, "global",
                                                                                           min_score)})
 
     @app.get("/images/{image_id}")
     async def image(self, image_id: int, size: int = Query(256, ge=16, le=1024)) -> Response:
         """A JPEG thumbnail of a gallery image, by id (never by a path from the client)."""
-        found = [h for h in await asyncio.gather(*(r.lookup.remote(image_id) for r in self.retrievers)) if h]
+        found = [h for h in await asyncio.gather(*(_ask(r.lookup, image_id) for r in self.retrievers)) if h]
         if not found:
             raise HTTPException(404, f"no gallery image with id {image_id}")
         from pipeline.sources import read_uri
@@ -323,8 +410,10 @@ def build_app(args: dict) -> serve.Application:
     # A deployment's settings in serve/config.yaml override these; model_autoscaling is for
     # `serve run serve.app:build_app ...` and the benchmarks.
     scaled = {"autoscaling_config": config.model_autoscaling} if config.model_autoscaling else {}
-    classifier = Classifier.options(**scaled).bind(specs["classifier"], config.device, **batching)
-    embedder = Embedder.options(**scaled).bind(specs["embedder"], config.device, **batching)
+    max_pixels = int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS))
+    classifier = Classifier.options(**scaled).bind(specs["classifier"], config.device, **batching,
+                                                   max_pixels=max_pixels)
+    embedder = Embedder.options(**scaled).bind(specs["embedder"], config.device, **batching, max_pixels=max_pixels)
     options = config.retriever_actor_options or [{}] * len(shards)
     if len(options) != len(shards):
         raise ValueError(f"retriever_actor_options has {len(options)} entries for {len(shards)} retrievers")

@@ -44,3 +44,17 @@ def test_the_schema_check_catches_mistakes(raw: dict) -> None:
     wrong_head["head_node_type"] = "gpu_9x"
     with pytest.raises(ValueError, match="head_node_type"):
         validate_config(wrong_head)
+
+
+def test_serve_config_arguments_are_the_apps_typed_arguments() -> None:
+    """Every argument serve/config.yaml documents is accepted by the app's AppConfig; a typo is refused."""
+    from serve.app import AppConfig
+
+    serve_yaml = yaml.safe_load((CLUSTER_YAML.parent / "serve" / "config.yaml").read_text())
+    (app,) = serve_yaml["applications"]
+    config = AppConfig(**app["args"])
+    assert config.decode in ("cpu", "device") and config.crop in ("auto", "off")
+    with pytest.raises(TypeError):
+        AppConfig(**app["args"], decoder="device")
+    with pytest.raises(ValueError, match="decode"):
+        AppConfig(**(app["args"] | {"decode": "gpu"}))

@@ -38,7 +38,8 @@ def service(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     made = make_class_folders(root / "data", classes=3, per_class=5)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # 4 logical CPUs: the main app takes 2.0 and the decode=device app 1.5 (two physical cores suffice).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     run(EmbedConfig(inputs=(str(root / "data"),), output=str(root / "emb"), classifier=TINY_CLASSIFIER,
                     embedder=TINY_CLIP_SPEC, batch_size=4, top_n=3))
     # Small shards, split over two retriever deployments: the ingress must merge their top-k.
@@ -51,6 +52,8 @@ def service(tmp_path_factory):
                          "retriever_shards": [shards[:1], shards[1:]], "detector": TINY_DETECTOR,
                          "crop_policy": ANY_BOX}),
               name="lookalike", route_prefix="/")
+    serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4,
+                         "decode": "device"}), name="lookalike-device", route_prefix="/device")
     yield {"url": f"http://127.0.0.1:{port}", "index": root / "index", "images": made["good"]}
     serve.shutdown()
     ray.shutdown()
@@ -132,6 +135,34 @@ def test_bad_input_gets_its_status_and_the_service_carries_on(service) -> None:
     assert post(service, good).status_code == 200
 
 
+def test_decoding_on_the_model_device_answers_like_the_ingress(service) -> None:
+    """decode: device (the replicas decode uploads on their device; CPU here) gives the ingress
+    path's answers within the decoders' small differences, and the same errors for bad uploads."""
+    def post_device(data: bytes, **params) -> requests.Response:
+        return requests.post(f"{service['url']}/device/search", params=params, data=data, timeout=60)
+
+    for path in service["images"][::3]:
+        data = path.read_bytes()
+        on_ingress = post(service, data, k=4, mode="global").json()
+        on_device = post_device(data, k=4, mode="global").json()
+        assert on_device["image_size"] == on_ingress["image_size"]
+        assert on_device["results"][0]["uri"] == str(path)  # finds itself first
+        scores = {h["id"]: h["score"] for h in on_ingress["results"]}
+        common = [h for h in on_device["results"] if h["id"] in scores]
+        assert len(common) >= 3
+        np.testing.assert_allclose([h["score"] for h in common], [scores[h["id"]] for h in common], atol=0.02)
+        probs = {c["index"]: c["probability"] for c in on_ingress["classes"]}
+        shared = [c for c in on_device["classes"] if c["index"] in probs]
+        assert len(shared) >= 3
+        np.testing.assert_allclose([c["probability"] for c in shared], [probs[c["index"]] for c in shared], atol=0.02)
+    good = service["images"][0].read_bytes()
+    for data, reason in ((b"", "empty"), (b"this is not an image", "not an image"),
+                         (good[: len(good) // 3], "truncated"), (png_claiming(40000, 40000), "too large")):
+        response = post_device(data)
+        assert response.status_code == 400 and reason in response.json()["detail"], (reason, response.text)
+    assert post_device(good).status_code == 200  # a bad upload in a batch does not break the replica
+
+
 def test_thumbnails_by_id_only(service) -> None:
     hit = post(service, service["images"][1].read_bytes(), k=1).json()["results"][0]
     thumb = requests.get(service["url"] + hit["thumbnail"], params={"size": 32}, timeout=30)
@@ -155,3 +186,46 @@ def test_model_overrides_that_differ_from_the_index_are_refused(service) -> None
         build_app({"index": str(service["index"]), "embedder": TINY_CLASSIFIER})
     with pytest.raises(ValueError, match="cover shards"):
         build_app({"index": str(service["index"]), "retriever_shards": [[0]]})
+
+
+def test_a_replica_killed_mid_request_loses_no_request(service) -> None:
+    """Runs last: kills the Classifier replica while requests are in flight; the ingress asks again
+    and Serve's replacement answers, so every request gets its 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = [p.read_bytes() for p in service["images"][:8]]
+    (name,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if "lookalike#Classifier" in a["name"]]
+    replica = ray.get_actor(name["name"], namespace=name["namespace"])
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(post, service, data[i % 8], k=2) for i in range(96)]
+        for future in futures[:24]:  # requests are flowing and queueing at the models
+            future.result(timeout=120)
+        ray.kill(replica, no_restart=True)
+        statuses = [f.result(timeout=180).status_code for f in futures]
+    assert statuses == [200] * 96
+
+
+def test_ask_retries_a_dead_replica_then_gives_up() -> None:
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from serve.app import _ask
+
+    class Method:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.calls = failures, 0
+
+        async def remote(self, value):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise ActorDiedError()
+            return value * 2
+
+    once = Method(failures=1)
+    assert asyncio.run(_ask(once, 21)) == 42 and once.calls == 2
+    always = Method(failures=10)
+    with pytest.raises(ActorDiedError):
+        asyncio.run(_ask(always, 1))
+    assert always.calls == 3
