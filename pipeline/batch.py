@@ -9,6 +9,9 @@ seconds per row to a ``*_s`` column so the job can report throughput per stage.
     ClassifyImages / EmbedImages / ClassifyAndEmbed
                                    -> classes, class_probs, embedding
     WriteParts                     -> one parquet part per batch; returns (part, rows, seconds)
+
+The model stages (ModelStage) stage a batch onto their device and then compute, one compute at a
+time, so that two concurrent calls overlap one batch's copy or decode with the other's compute.
 """
 
 from __future__ import annotations
