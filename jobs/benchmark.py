@@ -124,9 +124,10 @@ def bench_batch(args: argparse.Namespace) -> dict:
     on_device_decode = DecodeOnDevice(stage, runtime.device, {"cls": cls_pre, "emb": emb_pre}, errors.name)
 
     def raw_batch(chunk: list[bytes]) -> dict[str, np.ndarray]:
-        return {"id": np.arange(len(chunk)), "uri": np.array([""] * len(chunk), dtype=object),
-                "label": np.array([""] * len(chunk), dtype=object), "data": np.array(chunk + [b""], dtype=object)[:-1],
-                "read_error": np.array([""] * len(chunk), dtype=object), "read_s": np.zeros(len(chunk), np.float32)}
+        """What ReadShards gives the model actor with --decode device: the encoded bytes."""
+        blank = np.array([""] * len(chunk), dtype=object)
+        return {"id": np.arange(len(chunk)), "uri": blank, "label": blank, "read_error": blank,
+                "data": np.array(chunk, dtype=object), "read_s": np.zeros(len(chunk), np.float32)}
 
     def device_decode_loop() -> tuple[float, dict]:
         decode_s = model_s = 0.0
