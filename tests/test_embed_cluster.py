@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import TINY_CLASSIFIER, make_class_folders
+from conftest import TINY_CLASSIFIER, assert_same_ranking, free_port, make_class_folders
 
 from jobs.embed import EmbedConfig, run
+
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,20 +53,21 @@ def ray_head(tmp_path: Path):
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--disable-usage-stats",
-                    "--dashboard-port", "8265"], env=env, check=True, capture_output=True, timeout=120)
+    gcs, dashboard = free_port(), free_port()  # no fixed ports: another Ray on the machine may hold them
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--disable-usage-stats", "--port", str(gcs),
+                    "--dashboard-port", str(dashboard)], env=env, check=True, capture_output=True, timeout=120)
     try:
-        yield ray_cli, env
+        yield ray_cli, env, f"http://127.0.0.1:{dashboard}"
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head) -> None:
-    ray_cli, env = ray_head
+    ray_cli, env, address = ray_head
     make_class_folders(tmp_path / "data", classes=2, per_class=4, bad=1)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [ray_cli, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO), "--",
+        [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
          "python", "-m", "jobs.embed", "--input", str(tmp_path / "data"), "--output", str(out),
          "--classifier", TINY_CLASSIFIER, "--embedder", TINY_CLASSIFIER, "--batch-size", "4"],
         env=env, capture_output=True, text=True, timeout=600)
@@ -82,7 +85,7 @@ def test_killed_job_resumes_to_identical_rows(tmp_path: Path) -> None:
 
     import pyarrow.parquet as pq
 
-    make_class_folders(tmp_path / "data", classes=4, per_class=30, bad=2)
+    make_class_folders(tmp_path / "data", classes=4, per_class=16, bad=2)
     model = "timm:tf_efficientnet_lite0@random"
     args = ["--input", str(tmp_path / "data"), "--classifier", model, "--embedder", model,
             "--batch-size", "4", "--decode-batch-size", "4"]
@@ -95,12 +98,12 @@ def test_killed_job_resumes_to_identical_rows(tmp_path: Path) -> None:
     def rows(out: Path) -> dict:
         found = {}
         for part in (out / "embeddings").glob("part-*.parquet"):
-            for row in pq.read_table(part, columns=["id", "uri", "classes"]).to_pylist():
+            for row in pq.read_table(part, columns=["id", "uri", "classes", "class_probs"]).to_pylist():
                 assert row["id"] not in found
                 found[row["id"]] = row
         return found
 
-    assert job(tmp_path / "clean").wait(timeout=600) == 0
+    reference = job(tmp_path / "clean")  # the reference run goes on beside the one that gets killed
     victim = job(tmp_path / "killed", start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "killed" / "embeddings").glob("part-*.parquet")):
@@ -110,8 +113,12 @@ def test_killed_job_resumes_to_identical_rows(tmp_path: Path) -> None:
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
     written = len(rows(tmp_path / "killed"))
-    assert written < 120, "killed too late to test anything"
+    assert written < 64, "killed too late to test anything"
     assert job(tmp_path / "killed").wait(timeout=600) == 0
-    assert rows(tmp_path / "killed") == rows(tmp_path / "clean")
+    assert reference.wait(timeout=600) == 0
+    resumed, clean = rows(tmp_path / "killed"), rows(tmp_path / "clean")
+    assert {i: r["uri"] for i, r in resumed.items()} == {i: r["uri"] for i, r in clean.items()}
+    for i, row in clean.items():  # other batches, other processes: equal up to near-tied classes
+        assert_same_ranking(resumed[i]["classes"], resumed[i]["class_probs"], row["classes"], row["class_probs"])
     manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
-    assert manifest["counts"]["seen"] == 122 and manifest["counts"]["failed"] == 2
+    assert manifest["counts"]["seen"] == 66 and manifest["counts"]["failed"] == 2

@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders, write_jpeg
+from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, make_class_folders, write_jpeg
 
 from jobs.embed import EmbedConfig, main, parse_args, run
+
+pytestmark = [pytest.mark.ray]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -136,7 +138,9 @@ def test_resume_after_interruption_gives_identical_rows(tmp_path: Path) -> None:
     assert summary["embedded_this_run"] == len(reference) - sum(
         pq.ParquetFile(p).metadata.num_rows for p in kept)
     for key, row in reference.items():
-        assert resumed[key]["uri"] == row["uri"] and resumed[key]["classes"] == row["classes"]
+        assert resumed[key]["uri"] == row["uri"]
+        # Other batches in other worker processes: the top classes agree up to near-tied probabilities.
+        assert_same_ranking(resumed[key]["classes"], resumed[key]["class_probs"], row["classes"], row["class_probs"])
         np.testing.assert_allclose(resumed[key]["embedding"], row["embedding"], atol=1e-5)
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "completed parts were redone"
     assert not list((out / "embeddings").glob(".tmp-*"))

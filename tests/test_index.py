@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_same_ranking
 
 from pipeline.batch import WriteParts
 from pipeline.index import (
@@ -56,15 +57,28 @@ def write_embeddings(out: Path, data: dict[str, np.ndarray], parts: int = 3) -> 
     return out
 
 
-def brute_force(data: dict[str, np.ndarray], queries: np.ndarray, k: int, allowed=None) -> list[list[int]]:
+def brute_force(data: dict[str, np.ndarray], queries: np.ndarray, k: int,
+                allowed=None) -> list[tuple[list[int], list[float]]]:
+    """The exact top-k (ids, scores) of each query, by numpy."""
     sims = queries @ data["embedding"].T
     out = []
     for q in range(len(queries)):
         mask = np.ones(len(data["id"]), bool) if allowed is None else allowed[q]
         candidates = np.flatnonzero(mask)
         order = candidates[np.argsort(-sims[q, candidates], kind="stable")][:k]
-        out.append(data["id"][order].tolist())
+        out.append((data["id"][order].tolist(), sims[q, order].tolist()))
     return out
+
+
+def assert_hits_equal(got: list[list], expected: list[tuple[list[int], list[float]]]) -> None:
+    """Hits equal a reference, up to ties that numpy and FAISS may round either way."""
+    assert len(got) == len(expected)
+    for hits, (ids, scores) in zip(got, expected):
+        assert_same_ranking([h.id for h in hits], [h.score for h in hits], ids, scores)
+
+
+def hit_lists(results: list[list]) -> list[tuple[list[int], list[float]]]:
+    return [([h.id for h in hits], [h.score for h in hits]) for hits in results]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +128,7 @@ def test_class_restricted_search_equals_brute_force(gallery) -> None:
     for n in (1, 2):
         allowed = (top1[None, None, :] == query_classes[:, :n, None]).any(axis=1)
         expected = brute_force(data, queries, 5, allowed)
-        got = index.search_class(queries, query_classes[:, :n], k=5)
-        assert [[h.id for h in hits] for hits in got] == expected
+        assert_hits_equal(index.search_class(queries, query_classes[:, :n], k=5), expected)
     hit = index.search_class(queries[:1], query_classes[:1, :1], k=1)[0][0]
     assert hit.uri == f"/img/{hit.id}.jpg" and hit.label.startswith("c") and hit.cls == query_classes[0, 0]
 
@@ -125,7 +138,7 @@ def test_global_exact_search_equals_brute_force(gallery) -> None:
     index = ShardedIndex.load(index_dir)
     queries = unit(np.random.default_rng(8).normal(size=(20, DIM)))
     got = index.search_global(queries, k=10)
-    assert [[h.id for h in hits] for hits in got] == brute_force(data, queries, 10)
+    assert_hits_equal(got, brute_force(data, queries, 10))
     scores = [h.score for h in got[0]]
     assert scores == sorted(scores, reverse=True)
     assert all(h.score >= 0.5 for h in index.search_global(queries, k=10, min_score=0.5)[0])
@@ -140,7 +153,7 @@ def test_approximate_global_search_recall(tmp_path: Path) -> None:
     queries = data["embedding"][np.random.default_rng(4).choice(len(data["id"]), 100, replace=False)]
     got = [[h.id for h in hits] for hits in index.search_global(queries, k=10, nprobe=16)]
     expected = brute_force(data, queries, 10)
-    recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, expected)])
+    recall = np.mean([len(set(g) & set(e)) / 10 for g, (e, _) in zip(got, expected)])
     assert recall >= 0.95, recall
 
 
@@ -150,7 +163,7 @@ def test_fallback_and_unknown_classes(gallery) -> None:
     query = unit(np.ones((1, DIM)))
     assert index.search_class(query, [[12345]], k=5) == [[]]  # a class with no images: empty, no error
     filled = index.search_class(query, [[12345]], k=5, fallback_global=True)[0]
-    assert [h.id for h in filled] == [h.id for h in index.search_global(query, k=5)[0]]
+    assert_hits_equal([filled], hit_lists(index.search_global(query, k=5)))
     assert index.class_size(12345) == 0
     with pytest.raises(ValueError, match="dimension"):
         index.search_global(np.ones((1, DIM + 1), np.float32))
@@ -217,10 +230,8 @@ def test_append_equals_building_from_the_union(tmp_path: Path) -> None:
     rng = np.random.default_rng(13)
     queries = unit(rng.normal(size=(30, DIM)))
     classes = rng.integers(0, 45, (30, 2))
-    for q_app, q_whole in zip(appended.search_class(queries, classes, k=7), whole.search_class(queries, classes, k=7)):
-        assert [h.id for h in q_app] == [h.id for h in q_whole]
-    assert [[h.id for h in r] for r in appended.search_global(queries, k=7)] == \
-           [[h.id for h in r] for r in whole.search_global(queries, k=7)]
+    assert_hits_equal(appended.search_class(queries, classes, k=7), hit_lists(whole.search_class(queries, classes, k=7)))
+    assert_hits_equal(appended.search_global(queries, k=7), hit_lists(whole.search_global(queries, k=7)))
 
 
 def test_append_refuses_other_models(tmp_path: Path, gallery) -> None:

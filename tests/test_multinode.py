@@ -4,19 +4,19 @@ nodes; the service's retrievers, one per shard group, run on different nodes."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
 import requests
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders
+from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, free_port, make_class_folders
 
 from jobs.embed import EmbedConfig, run
 from pipeline.index import IndexConfig, build_index
 from pipeline.search import QueryEngine
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,7 @@ def test_retrievers_on_two_nodes_answer_like_one_process(cluster, tmp_path: Path
                     embedder=TINY_CLIP_SPEC, batch_size=4, top_n=2, model_cpus=0.5))
     manifest = build_index(tmp_path / "emb", tmp_path / "index", IndexConfig(shard_size=4))
     shards = list(range(len(manifest["shards"])))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
     try:
         serve.run(build_app({"index": str(tmp_path / "index"), "retriever_shards": [shards[:1], shards[1:]],
@@ -83,8 +81,7 @@ def test_retrievers_on_two_nodes_answer_like_one_process(cluster, tmp_path: Path
             online = requests.post(f"http://127.0.0.1:{port}/search", params={"k": 6, "mode": "global"},
                                    data=data, timeout=60).json()
             offline = engine.search([data], k=6, mode="global")[0].to_json()
-            assert [h["id"] for h in online["results"]] == [h["id"] for h in offline["results"]]
-            np.testing.assert_allclose([h["score"] for h in online["results"]],
-                                       [h["score"] for h in offline["results"]], atol=1e-5)
+            assert_same_ranking([h["id"] for h in online["results"]], [h["score"] for h in online["results"]],
+                                [h["id"] for h in offline["results"]], [h["score"] for h in offline["results"]])
     finally:
         serve.shutdown()

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders, write_jpeg
+from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, make_class_folders, write_jpeg
 
 from pipeline.batch import ClassifyAndEmbed, DecodeImages, ReadShards, WriteParts, shard_to_row
 from pipeline.models import load_classifier, load_embedder, select_runtime
@@ -136,8 +136,8 @@ def test_shared_forward_equals_separate_models(tmp_path: Path) -> None:
     runtime = select_runtime("cpu")
     images = out["decoded"]["image_cls"]
     indices, probs = load_classifier(TINY_CLASSIFIER, runtime).classify(images, 3)
-    np.testing.assert_array_equal(out["model"]["classes"], indices)
-    np.testing.assert_allclose(out["model"]["class_probs"], probs, atol=1e-5)
+    for row in range(len(indices)):  # one fused pass vs the classifier alone: equal up to near ties
+        assert_same_ranking(out["model"]["classes"][row], out["model"]["class_probs"][row], indices[row], probs[row])
     np.testing.assert_allclose(out["model"]["embedding"], load_embedder(TINY_CLASSIFIER, runtime).embed_images(
         out["decoded"]["image_emb"]), atol=1e-5)
 

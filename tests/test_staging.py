@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC
+from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking
 
 from pipeline.batch import ClassifyAndEmbed
 from pipeline.staging import Staging
@@ -46,7 +46,9 @@ def test_concurrent_calls_equal_sequential_calls(device: str) -> None:
         concurrent = list(pool.map(stage, inputs))
     for one, other in zip(sequential, concurrent):
         np.testing.assert_array_equal(one["id"], other["id"])
-        np.testing.assert_array_equal(one["classes"], other["classes"])
+        for row in range(len(one["id"])):  # same batch, other thread: equal up to near-tied classes
+            assert_same_ranking(other["classes"][row], other["class_probs"][row], one["classes"][row],
+                                one["class_probs"][row])
         np.testing.assert_allclose(one["embedding"], other["embedding"], atol=1e-5)
         assert "image_cls" not in other and "image_emb" not in other
         assert other["model_s"].shape == (3,) and np.all(other["model_s"] > 0)
