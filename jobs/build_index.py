@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import ray
+
 from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, append_index, build_index
 
 logger = logging.getLogger("jobs.build_index")
@@ -25,8 +27,6 @@ logger = logging.getLogger("jobs.build_index")
 
 def _ray_mapper():
     """A ``map`` that runs each shard build as a Ray task (shards in parallel across the cluster)."""
-    import ray
-
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
 
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    kinds = sorted({s["index_type"] for s in manifest["shards"]})
-    summary = {"rows": manifest["rows"], "classes": len(manifest["classes"]), "shards": len(manifest["shards"]),
+    kinds = sorted({s["index_type"] for s in manifest.shards})
+    summary = {"rows": manifest.rows, "classes": len(manifest.classes), "shards": len(manifest.shards),
                "global_index": kinds, "seconds": round(seconds, 2)}
     (args.output / "build_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"index {args.output.resolve()}: {summary['rows']} images, {summary['classes']} classes, "

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.images import ImageDecodeError
-from pipeline.models import CropPolicy
+from pipeline.models import CropPolicy, load_detector, select_runtime
 from pipeline.search import SEARCH_MODES, QueryEngine
 
 
@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("-k and --top-n must be >= 1")
     if args.crop and not args.detector:
         parser.error("--crop needs --detector")
-    from pipeline.models import load_detector, select_runtime
-
     try:
         runtime = select_runtime(args.device)
         detector = load_detector(args.detector, runtime, policy=CropPolicy(min_score=args.crop_min_score)) \

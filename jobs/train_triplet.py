@@ -23,6 +23,13 @@ import logging
 import sys
 from pathlib import Path
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from pipeline.datasets import list_labelled_images
 from pipeline.files import write_json_atomically
 from pipeline.training import MINING, TripletConfig, train
@@ -65,15 +72,10 @@ def config_from(args: argparse.Namespace) -> TripletConfig:
 
 def _train_worker(loop_config: dict) -> None:
     """One Ray Train worker: the same loop, on this worker's device, wrapped in DDP."""
-    import ray.train
-    import ray.train.torch
-
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     autocast = None
     if device.type == "cuda":
-        import torch
-
         autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     summary = train(TripletConfig(**loop_config["config"]), loop_config["paths"], loop_config["labels"],
                     Path(loop_config["output"]), str(device), autocast_dtype=autocast,
@@ -87,10 +89,6 @@ def _train_worker(loop_config: dict) -> None:
 def run_on_ray(config: TripletConfig, paths: list[str], labels: list[str], output: Path, num_workers: int,
                use_gpu: bool, checkpoint_every: int) -> dict:
     """Runs the loop in a TorchTrainer; returns rank 0's summary."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     trainer = TorchTrainer(

@@ -21,27 +21,28 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from pipeline.device_decode import prepare_batch
 from pipeline.files import write_table_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode_image, resize_image
+from pipeline.models import Runtime, load_classifier, load_embedder, load_image_models, select_runtime
 from pipeline.sources import Shard, read_shard, uri_id
+from pipeline.staging import Staging
 
 logger = logging.getLogger(__name__)
-
-#: Version of the embedding and error row schemas (DESIGN.md §4).
-SCHEMA_VERSION = 1
 
 ERROR_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("stage", pa.string()),
                           ("error_type", pa.string()), ("message", pa.string())])
 
 
 def embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    """The schema of embedding rows (DESIGN.md §4)."""
+    """The schema of embedding rows (docs/ARCHITECTURE.md, on-disk contracts)."""
     value_type = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
     return pa.schema([
         ("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
@@ -168,42 +169,60 @@ class DecodeImages:
         return out
 
 
-def _set_threads(threads: int | None) -> None:
-    """Sets torch's CPU threads for this process (Ray gives an actor as many as CPUs it reserved)."""
-    if threads is not None:
-        import torch
+@dataclass(frozen=True)
+class ModelSettings:
+    """How the model stages run: built once by the driver, handed to every model actor.
 
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    Attributes:
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` (see :func:`pipeline.models.select_runtime`).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        threads: torch CPU threads of the process (None: leave as is).
+        compile: a ``torch.compile`` backend (e.g. ``inductor``), or None.
+        embedding_dtype: ``float32`` or ``float16`` in the output.
+        top_n: classes kept per image.
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    compile: str | None = None
+    embedding_dtype: str = "float32"
+    top_n: int = 5
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.embedding_dtype not in ("float32", "float16"):
+            raise ValueError(f"embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
+        if self.top_n < 1:
+            raise ValueError(f"top_n must be >= 1, got {self.top_n}")
+
+    def runtime(self) -> Runtime:
+        """Sets this process's torch threads and picks the runtime (once per actor)."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        return select_runtime(self.device, self.precision, self.compile)
 
 
 def _strip_images(batch: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items() if k not in names}
 
 
-def _add_seconds(out: dict[str, np.ndarray], seconds: float, n: int) -> None:
-    spent = np.float32(seconds / max(n, 1))
-    out["model_s"] = out["model_s"] + spent if "model_s" in out else np.full(n, spent, np.float32)
-
-
 class ModelStage:
     """Base of the model stages: a call stages its images, then computes, one compute at a time.
 
     *Staging* puts the ``image_*`` columns on the model's device (pinned, non-blocking copies on a
-    side stream, :class:`pipeline.staging.Staging`); *compute* runs the models under a lock. The
-    job's model actors take two calls at a time, so the next batch's copy (or, with
-    :class:`DecodeOnDevice`, its decoding) runs while this batch computes. ``model_s`` counts the
-    compute only. On a CPU the staging is a pass-through.
+    side stream, :class:`pipeline.staging.Staging`); *compute* runs the models under
+    ``compute_lock``. The job's model actors take two calls at a time, so the next batch's copy
+    (or, with :class:`DecodeOnDevice`, its decoding) runs while this batch computes. ``model_s``
+    counts the compute only. On a CPU the staging is a pass-through.
     """
 
     image_columns: tuple[str, ...] = ()
 
-    def _init_stage(self, device: str) -> None:
-        from pipeline.staging import Staging
-
+    def __init__(self, device: str) -> None:
         self.staging = Staging(device)
-        self._compute_lock = threading.Lock()
+        self.compute_lock = threading.Lock()
 
     def stage(self, batch: dict[str, np.ndarray]):
         """The batch with its image columns on the device, and the event that marks their arrival."""
@@ -220,124 +239,74 @@ class ModelStage:
         staged, event = self.stage(batch)
         if not len(staged.get("id", ())):
             return {}
-        with self._compute_lock:
+        with self.compute_lock:
             start = time.perf_counter()
             self.staging.ready(event, [staged[name] for name in self.image_columns if name in staged])
             out = self.compute(staged)
-            _add_seconds(out, time.perf_counter() - start, len(out["id"]))
+            spent = np.float32((time.perf_counter() - start) / max(len(out["id"]), 1))
+            out["model_s"] = out["model_s"] + spent if "model_s" in out else np.full(len(out["id"]), spent)
         return out
 
 
 class ClassifyImages(ModelStage):
-    """Adds ``classes`` and ``class_probs`` (top-n) from ``image_cls``.
-
-    Args:
-        classifier: classifier model spec.
-        top_n: classes kept per image.
-        device: ``auto``, ``cpu`` or ``cuda[:N]``.
-        precision: see :func:`pipeline.models.select_runtime`.
-    """
+    """Adds ``classes`` and ``class_probs`` (top-n) from ``image_cls`` (the job's ``--stages separate``)."""
 
     image_columns = ("image_cls",)
 
-    def __init__(self, classifier: str, top_n: int = 5, device: str = "auto", precision: str = "auto",
-                 threads: int | None = None, compile: str | None = None) -> None:
-        from pipeline.models import load_classifier, select_runtime
-
-        _set_threads(threads)
-        self.classifier = load_classifier(classifier, select_runtime(device, precision, compile))
-        self.top_n = top_n
-        self._init_stage(self.classifier.runtime.device)
+    def __init__(self, classifier: str, settings: ModelSettings = ModelSettings()) -> None:
+        self.classifier = load_classifier(classifier, settings.runtime())
+        self.top_n = settings.top_n
+        super().__init__(self.classifier.runtime.device)
 
     def compute(self, batch: dict) -> dict[str, np.ndarray]:
-        indices, values = self.classifier.classify(batch["image_cls"], self.top_n)
         out = _strip_images(batch, ("image_cls",))
-        out["classes"], out["class_probs"] = indices, values
+        out["classes"], out["class_probs"] = self.classifier.classify(batch["image_cls"], self.top_n)
         return out
 
 
 class EmbedImages(ModelStage):
-    """Adds ``embedding`` (L2-normalised) from ``image_emb``.
-
-    Args:
-        embedder: embedder model spec.
-        device: ``auto``, ``cpu`` or ``cuda[:N]``.
-        precision: see :func:`pipeline.models.select_runtime`.
-        embedding_dtype: ``float32`` or ``float16`` in the output.
-    """
+    """Adds ``embedding`` (L2-normalised) from ``image_emb`` (the job's ``--stages separate``)."""
 
     image_columns = ("image_emb",)
 
-    def __init__(self, embedder: str, device: str = "auto", precision: str = "auto",
-                 embedding_dtype: str = "float32", threads: int | None = None, compile: str | None = None) -> None:
-        from pipeline.models import load_embedder, select_runtime
-
-        _set_threads(threads)
-        self.embedder = load_embedder(embedder, select_runtime(device, precision, compile))
-        self.embedding_dtype = np.dtype(embedding_dtype)
-        self._init_stage(self.embedder.runtime.device)
+    def __init__(self, embedder: str, settings: ModelSettings = ModelSettings()) -> None:
+        self.embedder = load_embedder(embedder, settings.runtime())
+        self.embedding_dtype = np.dtype(settings.embedding_dtype)
+        super().__init__(self.embedder.runtime.device)
 
     def compute(self, batch: dict) -> dict[str, np.ndarray]:
-        embedding = self.embedder.embed_images(batch["image_emb"])
         out = _strip_images(batch, ("image_emb",))
-        out["embedding"] = embedding.astype(self.embedding_dtype)
+        out["embedding"] = self.embedder.embed_images(batch["image_emb"]).astype(self.embedding_dtype)
         return out
 
 
 class ClassifyAndEmbed(ModelStage):
-    """Classifies and embeds a batch in one actor (one copy of the images per device).
-
-    When the classifier and the embedder are the same timm model, one forward pass gives both the
-    logits and the pooled features (half the compute of two passes).
-
-    Args:
-        classifier: classifier model spec.
-        embedder: embedder model spec.
-        top_n: classes kept per image.
-        device: ``auto``, ``cpu`` or ``cuda[:N]``.
-        precision: see :func:`pipeline.models.select_runtime`.
-        embedding_dtype: ``float32`` or ``float16`` in the output.
-        threads: torch CPU threads (None: leave as is).
-        compile: a torch.compile backend (e.g. inductor), or None.
-    """
+    """Classifies and embeds a batch in one actor: one runtime, one copy of the images per device,
+    and :meth:`pipeline.models.ImageModels.classify_and_embed` (one forward pass when the
+    classifier and the embedder are the same timm model)."""
 
     image_columns = ("image_cls", "image_emb")
 
-    def __init__(self, classifier: str, embedder: str, top_n: int = 5, device: str = "auto",
-                 precision: str = "auto", embedding_dtype: str = "float32", threads: int | None = None,
-                 compile: str | None = None) -> None:
-        from pipeline.models import as_spec
+    def __init__(self, classifier: str, embedder: str, settings: ModelSettings = ModelSettings()) -> None:
+        self.models = load_image_models(classifier, embedder, settings.runtime())
+        self.top_n = settings.top_n
+        self.embedding_dtype = np.dtype(settings.embedding_dtype)
+        super().__init__(self.models.runtime.device)
 
-        self.shared = classifier == embedder and as_spec(classifier).library == "timm"
-        self.classify = ClassifyImages(classifier, top_n, device, precision, threads, compile)
-        self.embed = None if self.shared else EmbedImages(embedder, device, precision, embedding_dtype, threads,
-                                                          compile)
-        self.top_n = top_n
-        self.embedding_dtype = np.dtype(embedding_dtype)
-        self._init_stage(self.classify.classifier.runtime.device)
+    @property
+    def shared(self) -> bool:
+        return self.models.shared
 
     def stage(self, batch: dict[str, np.ndarray]):
         # One model reads image_cls for both outputs: copy only that.
         return super().stage(_strip_images(batch, ("image_emb",)) if self.shared else batch)
 
     def compute(self, batch: dict) -> dict[str, np.ndarray]:
-        if not self.shared:
-            return self.embed.compute(self.classify.compute(batch))
-        import torch
-
-        from pipeline.models import to_model_input
-
-        clf = self.classify.classifier
-        with clf.runtime.inference():
-            x = to_model_input(batch["image_cls"], clf.preprocess, clf.runtime)
-            pooled = clf.model.forward_head(clf.model.forward_features(x), pre_logits=True)
-            probs = clf.model.get_classifier()(pooled).float().softmax(-1)
-            values, indices = probs.topk(min(self.top_n, len(clf.labels)), dim=-1)
-            embedding = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+        images_emb = batch["image_cls"] if self.shared else batch["image_emb"]
+        indices, probs, vectors = self.models.classify_and_embed(batch["image_cls"], images_emb, self.top_n)
         out = _strip_images(batch, ("image_cls", "image_emb"))
-        out["classes"] = indices.cpu().numpy().astype(np.int32)
-        out["class_probs"] = values.cpu().numpy().astype(np.float32)
-        out["embedding"] = embedding.astype(self.embedding_dtype)
+        out["classes"], out["class_probs"] = indices, probs
+        out["embedding"] = vectors.astype(self.embedding_dtype)
         return out
 
 
@@ -388,28 +357,26 @@ class DecodeOnDevice(ModelStage):
     Takes :class:`ReadShards` batches (``data`` bytes) instead of :class:`DecodeImages` output:
     JPEGs are decoded and resized on the model's device (:mod:`pipeline.device_decode`), other
     formats and rejected files on the CPU; failures become error rows exactly as in DecodeImages.
-    The decoding is this stage's staging, so it overlaps the previous batch's compute.
+    The decoding is this stage's staging, so it overlaps the previous batch's compute. It shares the
+    wrapped stage's staging stream and compute lock (one of each per actor).
 
     Args:
         stage: the model stage (ClassifyAndEmbed, ClassifyImages or EmbedImages instance).
-        device: the stage's model device (where the images are decoded).
         inputs: model input name -> preprocessing, as for DecodeImages.
         errors_dir: where error parts go.
         max_pixels: decode guard.
     """
 
-    def __init__(self, stage: ModelStage, device: str, inputs: dict[str, Preprocess], errors_dir: str | Path,
+    def __init__(self, stage: ModelStage, inputs: dict[str, Preprocess], errors_dir: str | Path,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.model_stage = stage
         self.inputs = {f"image_{name}": pre for name, pre in inputs.items()}
         self.image_columns = tuple(self.inputs)
         self.errors_dir = Path(errors_dir)
         self.max_pixels = max_pixels
-        self._init_stage(device)
+        self.staging, self.compute_lock = stage.staging, stage.compute_lock
 
     def stage(self, batch: dict[str, np.ndarray]):
-        from pipeline.device_decode import prepare_batch
-
         start = time.perf_counter()
         readable = [i for i, error in enumerate(batch["read_error"]) if not error]
         failures = [(int(batch["id"][i]), str(batch["uri"][i]), "read", "unreadable", str(batch["read_error"][i]))
@@ -430,10 +397,8 @@ class DecodeOnDevice(ModelStage):
         return self.model_stage.compute(batch)
 
 
-class ClassifyAndEmbedOnDevice(DecodeOnDevice):
+def classify_and_embed_on_device(classifier: str, embedder: str, settings: ModelSettings,
+                                 inputs: dict[str, Preprocess], errors_dir: str | Path,
+                                 max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeOnDevice:
     """:class:`ClassifyAndEmbed` fed with raw bytes, decoded on its device (the job's ``--decode device``)."""
-
-    def __init__(self, inputs: dict[str, Preprocess], errors_dir: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 **stage_kwargs) -> None:
-        stage = ClassifyAndEmbed(**stage_kwargs)
-        super().__init__(stage, stage.classify.classifier.runtime.device, inputs, errors_dir, max_pixels)
+    return DecodeOnDevice(ClassifyAndEmbed(classifier, embedder, settings), inputs, errors_dir, max_pixels)

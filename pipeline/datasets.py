@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 #: Colour photographs in scikit-image's data folder (the rest there are textures, scans or grayscale).
 SAMPLE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
@@ -65,8 +66,6 @@ def write_demo_images(root: Path, mnist_limit: int | None = None) -> dict[str, i
     Returns:
         counts of images by kind, e.g. ``{"mnist": 5000, "photos": 5}``.
     """
-    from PIL import Image
-
     images, labels = load_mnist_5000()
     if mnist_limit is not None:
         images, labels = images[:mnist_limit], labels[:mnist_limit]
@@ -191,8 +190,6 @@ def write_dataset(name: str, root: Path, per_class: int | None = None, seed: int
     Returns:
         The paths and labels, as :func:`list_labelled_images` gives them.
     """
-    from PIL import Image
-
     images, labels = load_dataset(name)
     keep = np.arange(len(labels))
     if per_class is not None:

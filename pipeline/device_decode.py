@@ -16,9 +16,17 @@ import logging
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, center_crop_box, decode_image,
-                             resize_geometry)
+from pipeline.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    Preprocess,
+    center_crop_box,
+    decode_image,
+    resize_geometry,
+)
 
 logger = logging.getLogger(__name__)
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -29,8 +37,6 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG header without decoding pixels; None if not a readable JPEG."""
     if not data.startswith(JPEG_MAGIC):
         return None
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size if img.format == "JPEG" and img.mode in ("RGB", "L") else None
@@ -45,8 +51,6 @@ def decode_batch(datas: list[bytes], device: str | torch.device, *,
     Returns:
         The images (None where decoding failed) and the errors (None where it worked), in order.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     images: list[torch.Tensor | None] = [None] * len(datas)
     errors: list[ImageDecodeError | None] = [None] * len(datas)
     sizes = [_jpeg_size(d) for d in datas]

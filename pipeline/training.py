@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
-from pipeline.images import Preprocess
-from pipeline.models import (EMBEDDING_FORMAT, ModelSpec, Runtime, _create_timm, _timm_preprocess, as_spec,
-                             to_model_input)
+from pipeline.files import replace_atomically
+from pipeline.images import ImageDecodeError, Preprocess, decode_image, resize_image
+from pipeline.models import (
+    EMBEDDING_FORMAT,
+    ModelSpec,
+    Runtime,
+    as_spec,
+    create_timm_model,
+    timm_preprocess,
+    to_model_input,
+)
+from pipeline.sources import read_uri
 
 MINING = ("batch-hard", "semi-hard")
 
@@ -77,13 +88,13 @@ def create_embedding_model(config: TripletConfig) -> tuple[torch.nn.Module, Prep
         FileNotFoundError: the backbone's weights are not available (use ``@random`` to start from scratch).
     """
     spec = as_spec(config.backbone)
-    model = _create_timm(spec, None, num_classes=config.dim)
+    model = create_timm_model(spec, num_classes=config.dim)
     generator = torch.Generator().manual_seed(config.seed)
     head = model.get_classifier()
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / head.weight.shape[1] ** 0.5)
         head.bias.zero_()
-    return model, _timm_preprocess(model, config.input_size)
+    return model, timm_preprocess(model, config.input_size)
 
 
 def pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
@@ -161,10 +172,6 @@ def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def save_embedder(model: torch.nn.Module, path: Path, config: TripletConfig, preprocess: Preprocess,
                   extra: dict | None = None) -> str:
     """Writes the trained model as a safetensors file that ``load_embedder`` reads; returns its spec."""
-    from safetensors.torch import save_file
-
-    from pipeline.files import replace_atomically
-
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     spec = as_spec(config.backbone)
@@ -192,9 +199,6 @@ def load_batch(paths: list[str], indices: np.ndarray, preprocess: Preprocess) ->
     Returns:
         uint8 images (N, H, W, 3), the kept indices, and how many images failed to decode (skipped).
     """
-    from pipeline.images import ImageDecodeError, decode_image, resize_image
-    from pipeline.sources import read_uri
-
     images, kept = [], []
     for i in indices:
         try:
@@ -210,8 +214,6 @@ def load_batch(paths: list[str], indices: np.ndarray, preprocess: Preprocess) ->
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     config: TripletConfig, history: list[dict]) -> None:
     """Everything a resumed run needs, written atomically (tensors and plain data only)."""
-    from pipeline.files import replace_atomically
-
     state = {"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
              "step": step, "config": json.dumps(dataclasses.asdict(config)), "history": json.dumps(history)}
     with replace_atomically(path) as tmp:
@@ -250,8 +252,6 @@ def train(config: TripletConfig, paths: list[str], labels: list[str], output: Pa
         A summary: steps, images seen, seconds, first and last loss (mean of ``log_every`` steps),
         the embedder spec, and the history of logged steps.
     """
-    import time
-
     output = Path(output)
     model, preprocess = create_embedding_model(config)
     model = model.to(device)

@@ -1,1 +1,1 @@
-"""Ray Serve application: the online similarity search graph (see DESIGN.md §2)."""
+"""Ray Serve application: the online similarity search graph (see docs/ARCHITECTURE.md)."""

@@ -12,7 +12,6 @@ index's shards.
 
 import asyncio
 import io
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,13 +20,20 @@ from typing import Literal
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode_image, resize_image
+from pipeline.device_decode import prepare_batch
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from pipeline.index import ShardedIndex
-from pipeline.models import CropPolicy, crop_image
+from pipeline.manifests import IndexManifest
+from pipeline.models import CropPolicy, load_classifier, load_detector, load_embedder, select_runtime
+from pipeline.search import QueryPreprocess, class_answers, merge_hits
+from pipeline.sources import read_uri
 
 logger = logging.getLogger("serve.app")
 PAGE = Path(__file__).with_name("page.html")
@@ -84,11 +90,6 @@ class AppConfig:
         CropPolicy(**self.crop_policy)
 
 
-def _preprocess(manifest: dict, role: str) -> Preprocess:
-    cfg = manifest["models"][role]["preprocess"]
-    return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-
-
 # --------------------------------------------------------------------------------------------
 # Model and index deployments (thin: each holds a pipeline object)
 
@@ -99,8 +100,6 @@ def _decode_on_device(model, datas: list[bytes], max_pixels: int) -> tuple[objec
     Returns:
         The uint8 batch of the images that decoded, their positions, and position -> error message.
     """
-    from pipeline.device_decode import prepare_batch
-
     images, ok, errors = prepare_batch(datas, {"x": model.preprocess}, model.runtime.device, max_pixels=max_pixels)
     return images["x"], [int(i) for i in ok], {i: str(exc) for i, exc in errors}
 
@@ -120,8 +119,6 @@ class Classifier:
 
     def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        from pipeline.models import load_classifier, select_runtime
-
         self.model = load_classifier(spec, select_runtime(device))
         self.max_pixels = max_pixels
         for method in (self.classify, self.classify_encoded):
@@ -129,11 +126,7 @@ class Classifier:
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def _answers(self, images) -> list[list[dict]]:
-        indices, probs = self.model.classify(images, top_n=5)
-        labels = self.model.labels
-        return [[{"index": int(i), "synset": labels.id_of(int(i)), "name": labels.name_of(int(i)),
-                  "probability": round(float(p), 4)} for i, p in zip(row_i, row_p)]
-                for row_i, row_p in zip(indices, probs)]
+        return class_answers(self.model.labels, *self.model.classify(images, top_n=5))
 
     @serve.batch
     async def classify(self, images: list[np.ndarray]) -> list[list[dict]]:
@@ -152,8 +145,6 @@ class Embedder:
 
     def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        from pipeline.models import load_embedder, select_runtime
-
         self.model = load_embedder(spec, select_runtime(device))
         self.max_pixels = max_pixels
         for method in (self.embed, self.embed_encoded, self.embed_text):
@@ -183,8 +174,6 @@ class Detector:
 
     def __init__(self, spec: str, device: str, policy: dict, max_batch_size: int,
                  batch_wait_timeout_s: float) -> None:
-        from pipeline.models import load_detector, select_runtime
-
         self.model = load_detector(spec, select_runtime(device), policy=CropPolicy(**policy))
         self.crop_box.set_max_batch_size(max_batch_size)
         self.crop_box.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -233,8 +222,6 @@ async def _ask(method, *args, attempts: int = 3):
 
 def _image_size(data: bytes) -> list[int]:
     """[height, width] of an image as decoded (EXIF rotation applied), from its header only."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
         rotated = img.getexif().get(0x0112) in (5, 6, 7, 8)
@@ -255,9 +242,6 @@ async def _read_upload(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        from starlette.datastructures import UploadFile
-        from starlette.formparsers import MultiPartParser
-
         async def replay():
             yield bytes(body)
 
@@ -277,20 +261,14 @@ async def _read_upload(request: Request, limit: int) -> bytes:
 class Ingress:
     """HTTP front: decodes, optionally crops, fans out to the model and retriever deployments."""
 
-    def __init__(self, config: dict, manifest: dict, classifier: DeploymentHandle, embedder: DeploymentHandle,
-                 retrievers: list[DeploymentHandle], detector: DeploymentHandle | None = None) -> None:
+    def __init__(self, config: dict, manifest: IndexManifest, classifier: DeploymentHandle,
+                 embedder: DeploymentHandle, retrievers: list[DeploymentHandle],
+                 detector: DeploymentHandle | None = None) -> None:
         self.config = AppConfig(**config)
         self.manifest = manifest
         self.classifier, self.embedder, self.detector, self.retrievers = classifier, embedder, detector, retrievers
-        self.cls_pre, self.emb_pre = _preprocess(manifest, "classifier"), _preprocess(manifest, "embedder")
-        self.max_pixels = int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self.queries = QueryPreprocess.of(manifest)  # the query path's steps, as QueryEngine takes them
         self.limit = int(self.config.max_body_mb * 2**20)
-
-    def _decode(self, data: bytes) -> np.ndarray:
-        if not data:
-            raise ImageDecodeError("empty", "the request has no image")
-        draft = max(self.cls_pre.draft_size, self.emb_pre.draft_size)
-        return decode_image(data, max_pixels=self.max_pixels, draft_size=draft)
 
     async def _classify_and_embed_encoded(self, data: bytes) -> tuple[list[int], list[dict], np.ndarray]:
         """``decode: device``: the model replicas decode the upload on their device."""
@@ -307,11 +285,10 @@ class Ingress:
                      min_score: float | None) -> list[dict]:
         answers = await asyncio.gather(*(_ask(r.search, vector, classes, k, mode, min_score)
                                          for r in self.retrievers))
-        merged = [hit for answer in answers for hit in answer]
-        merged.sort(key=lambda h: -h["score"])
-        for hit in merged[:k]:
+        hits = merge_hits(answers, k)
+        for hit in hits:
             hit["thumbnail"] = f"/images/{hit['id']}"
-        return merged[:k]
+        return hits
 
     @app.post("/search")
     async def search(self, request: Request, k: int = Query(5, ge=1, le=100),
@@ -324,15 +301,13 @@ class Ingress:
             box, (size, classes, vector) = None, await self._classify_and_embed_encoded(data)
         else:
             try:
-                image = await asyncio.to_thread(self._decode, data)
+                image = await asyncio.to_thread(self.queries.decode, data)
             except ImageDecodeError as exc:
                 raise HTTPException(400, f"cannot decode the image: {exc}") from None
             box, size = None, list(image.shape[:2])
             if cropping:
                 box = await _ask(self.detector.crop_box, image)
-                image = crop_image(image, box)
-            cls_img, emb_img = await asyncio.to_thread(
-                lambda: (resize_image(image, self.cls_pre), resize_image(image, self.emb_pre)))
+            cls_img, emb_img = await asyncio.to_thread(self.queries.model_inputs, image, box)
             classes, vector = await asyncio.gather(_ask(self.classifier.classify, cls_img),
                                                    _ask(self.embedder.embed, emb_img))
         hits = await self._merge(vector, [c["index"] for c in classes[: self.config.top_n]], k, mode, min_score)
@@ -356,11 +331,7 @@ class Ingress:
         found = [h for h in await asyncio.gather(*(_ask(r.lookup, image_id) for r in self.retrievers)) if h]
         if not found:
             raise HTTPException(404, f"no gallery image with id {image_id}")
-        from pipeline.sources import read_uri
-
         def thumbnail() -> bytes:
-            from PIL import Image
-
             pil = Image.fromarray(decode_image(read_uri(found[0]["uri"]), draft_size=size))
             pil.thumbnail((size, size))
             out = io.BytesIO()
@@ -375,8 +346,8 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         """Liveness: the ingress answers and knows its index."""
-        return {"status": "ok", "index_rows": self.manifest["rows"], "retrievers": len(self.retrievers),
-                "models": {role: m["spec"] for role, m in self.manifest["models"].items()}}
+        return {"status": "ok", "index_rows": self.manifest.rows, "retrievers": len(self.retrievers),
+                "models": self.manifest.models.specs()}
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
@@ -393,24 +364,26 @@ def build_app(args: dict) -> serve.Application:
     """
     config = AppConfig(**{k: v for k, v in args.items()})
     index = Path(config.index).expanduser().resolve()
-    manifest_path = index / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found; build the index first (make demo builds out/demo-index)")
-    manifest = json.loads(manifest_path.read_text())
-    specs = {role: manifest["models"][role]["spec"] for role in ("classifier", "embedder")}
-    for role, override in (("classifier", config.classifier), ("embedder", config.embedder)):
-        if override and override != specs[role]:
-            raise ValueError(f"{role} {override!r} differs from the index's {specs[role]!r}; "
-                             f"queries must be embedded like the gallery — rebuild the index or drop the override")
-    shards = config.retriever_shards or [list(range(len(manifest["shards"])))]
+    if not (index / "manifest.json").is_file():
+        raise FileNotFoundError(f"{index / 'manifest.json'} not found; build the index first "
+                                f"(make demo builds out/demo-index)")
+    manifest = IndexManifest.read(index)
+    specs = manifest.models.specs()
+    overrides = {role: spec for role, spec in (("classifier", config.classifier), ("embedder", config.embedder))
+                 if spec}
+    diffs = manifest.models.mismatches(overrides)
+    if diffs:
+        raise ValueError(f"a model override differs from the index's ({'; '.join(diffs)}); queries must be "
+                         f"embedded like the gallery — rebuild the index or drop the override")
+    shards = config.retriever_shards or [list(range(len(manifest.shards)))]
     covered = sorted(s for group in shards for s in group)
-    if covered != list(range(len(manifest["shards"]))):
-        raise ValueError(f"retriever_shards must cover shards 0..{len(manifest['shards']) - 1} once each, got {shards}")
+    if covered != list(range(len(manifest.shards))):
+        raise ValueError(f"retriever_shards must cover shards 0..{len(manifest.shards) - 1} once each, got {shards}")
     batching = dict(max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_timeout_s)
     # A deployment's settings in serve/config.yaml override these; model_autoscaling is for
     # `serve run serve.app:build_app ...` and the benchmarks.
     scaled = {"autoscaling_config": config.model_autoscaling} if config.model_autoscaling else {}
-    max_pixels = int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS))
+    max_pixels = manifest.max_pixels
     classifier = Classifier.options(**scaled).bind(specs["classifier"], config.device, **batching,
                                                    max_pixels=max_pixels)
     embedder = Embedder.options(**scaled).bind(specs["embedder"], config.device, **batching, max_pixels=max_pixels)

@@ -14,8 +14,8 @@ from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders
 from PIL import Image
 
 from jobs.evaluate import main as evaluate_main
-from jobs.evaluate import split
 from jobs.train_triplet import main as train_main
+from pipeline.evaluation import split
 from pipeline.grids import grid_size
 from pipeline.images import decode_image, resize_image
 from pipeline.models import load_embedder

@@ -224,12 +224,12 @@ def test_resize_matches_timm_eval_transform(rng: np.random.Generator, shape: tup
     import timm
     from timm.data import create_transform, resolve_model_data_config
 
-    from pipeline.models import _timm_preprocess
+    from pipeline.models import timm_preprocess
 
     model = timm.create_model("test_efficientnet", pretrained=False)
     reference = create_transform(**resolve_model_data_config(model))
     image = photo(rng, *shape)
-    pre = _timm_preprocess(model)
+    pre = timm_preprocess(model)
     assert pre.crop_pct < 1.0  # the resize-then-crop path is exercised
     expected = reference(Image.fromarray(image))
     torch.testing.assert_close(normalised(image, pre), expected, atol=1e-4, rtol=0)
@@ -238,12 +238,12 @@ def test_resize_matches_timm_eval_transform(rng: np.random.Generator, shape: tup
 def test_resize_matches_open_clip_transform(rng: np.random.Generator) -> None:
     import open_clip
 
-    from pipeline.models import _open_clip_preprocess, _register_project_open_clip_configs
+    from pipeline.models import open_clip_preprocess, register_project_open_clip_configs
 
-    _register_project_open_clip_configs()
+    register_project_open_clip_configs()
     model, _, reference = open_clip.create_model_and_transforms("lookalike-tiny-clip", pretrained=None)
     image = photo(rng, 90, 140)
-    pre = _open_clip_preprocess(model)
+    pre = open_clip_preprocess(model)
     torch.testing.assert_close(normalised(image, pre), reference(Image.fromarray(image)), atol=1e-4, rtol=0)
 
 

@@ -3,6 +3,7 @@ checks, model checks, append, and the end-to-end path embed -> build -> search."
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import assert_same_ranking
+from PIL import Image
 
 from pipeline.batch import WriteParts
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from pipeline.index import (
     IndexConfig,
     IndexIntegrityError,
@@ -20,10 +23,13 @@ from pipeline.index import (
     build_index,
     plan_shards,
 )
+from pipeline.manifests import EmbeddingManifest, IndexManifest, ModelSet
+from pipeline.search import QueryEngine, QueryPreprocess
 
 DIM = 16
-MODELS = {"classifier": {"spec": "timm:test_efficientnet@random"},
-          "embedder": {"spec": "timm:test_efficientnet@random", "dim": DIM}}
+PREPROCESS = {"size": [32, 32]}
+MODELS = {"classifier": {"spec": "timm:test_efficientnet@random", "preprocess": PREPROCESS},
+          "embedder": {"spec": "timm:test_efficientnet@random", "dim": DIM, "preprocess": PREPROCESS}}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -44,7 +50,8 @@ def synthetic(n: int, classes: int, seed: int, id_offset: int = 0) -> dict[str, 
             "embedding": vectors}
 
 
-def write_embeddings(out: Path, data: dict[str, np.ndarray], parts: int = 3) -> Path:
+def write_embeddings(out: Path, data: dict[str, np.ndarray], parts: int = 3,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """An embedding-job output folder (parts + manifest) holding ``data``."""
     writer = WriteParts(out / "embeddings", DIM)
     entries = []
@@ -53,7 +60,8 @@ def write_embeddings(out: Path, data: dict[str, np.ndarray], parts: int = 3) -> 
         batch.update(read_s=np.zeros(len(chunk)), decode_s=np.zeros(len(chunk)), model_s=np.zeros(len(chunk)))
         name = writer(batch)["part"][0]
         entries.append({"path": f"embeddings/{name}", "rows": len(chunk)})
-    (out / "manifest.json").write_text(json.dumps({"models": MODELS, "parts": entries}))
+    EmbeddingManifest(models=ModelSet(**MODELS), inputs=[], top_n=2, embedding_dtype="float32", max_pixels=max_pixels,
+                      counts={"embedded": len(data["id"])}, parts=entries).write(out)
     return out
 
 
@@ -149,7 +157,7 @@ def test_approximate_global_search_recall(tmp_path: Path) -> None:
     emb = write_embeddings(tmp_path / "emb", data)
     build_index(emb, tmp_path / "index", IndexConfig(shard_size=10**6, global_index="ivf", nlist=64))
     index = ShardedIndex.load(tmp_path / "index")
-    assert index.manifest["shards"][0]["index_type"] == "ivf"
+    assert index.manifest.shards[0]["index_type"] == "ivf"
     queries = data["embedding"][np.random.default_rng(4).choice(len(data["id"]), 100, replace=False)]
     got = [[h.id for h in hits] for hits in index.search_global(queries, k=10, nprobe=16)]
     expected = brute_force(data, queries, 10)
@@ -265,3 +273,30 @@ def test_large_classes_can_go_through_the_ivf_index(tmp_path: Path) -> None:
     for hits, cls in zip(approx, classes[:, 0]):
         assert len(hits) == 10 and all(h.cls == cls for h in hits)
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_max_pixels_travels_from_the_embeddings_to_every_query_path(tmp_path: Path) -> None:
+    """The decode limit the gallery was embedded with is written in the index manifest, kept by
+    append, and applied by QueryEngine and by the service's query steps (QueryPreprocess)."""
+    emb = write_embeddings(tmp_path / "emb", synthetic(200, classes=4, seed=5), max_pixels=50 * 50)
+    build_index(emb, tmp_path / "index", IndexConfig(global_index="flat"))
+    manifest = IndexManifest.read(tmp_path / "index")
+    assert manifest.max_pixels == 2500 and QueryPreprocess.of(manifest).max_pixels == 2500
+
+    def jpeg(side: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(out, format="JPEG")
+        return out.getvalue()
+
+    engine = QueryEngine.load(str(tmp_path / "index"))
+    assert engine.decode(jpeg(50)).shape == (50, 50, 3)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        engine.search([jpeg(51)])
+    with pytest.raises(ImageDecodeError, match="too large"):
+        QueryPreprocess.of(manifest).decode(jpeg(51))
+    # Appending an output decoded with another limit is refused; the same limit is kept.
+    other = write_embeddings(tmp_path / "other", synthetic(20, classes=4, seed=6, id_offset=5000))
+    with pytest.raises(ValueError, match="max_pixels"):
+        append_index(other, tmp_path / "index")
+    same = write_embeddings(tmp_path / "same", synthetic(20, classes=4, seed=6, id_offset=5000), max_pixels=2500)
+    assert append_index(same, tmp_path / "index").max_pixels == 2500

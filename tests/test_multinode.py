@@ -64,7 +64,7 @@ def test_retrievers_on_two_nodes_answer_like_one_process(cluster, tmp_path: Path
     run(EmbedConfig(inputs=(str(tmp_path / "data"),), output=str(tmp_path / "emb"), classifier=TINY_CLASSIFIER,
                     embedder=TINY_CLIP_SPEC, batch_size=4, top_n=2, model_cpus=0.5))
     manifest = build_index(tmp_path / "emb", tmp_path / "index", IndexConfig(shard_size=4))
-    shards = list(range(len(manifest["shards"])))
+    shards = list(range(len(manifest.shards)))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
     try:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from jobs.embed import EmbedConfig, run
 from pipeline.datasets import sample_photos
+from pipeline.images import ImageDecodeError
 from pipeline.index import IndexConfig, build_index
 from pipeline.models import CropPolicy, Detections, choose_crop, load_detector
 from pipeline.search import QueryEngine
@@ -27,6 +28,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.serve]
 # A random detector's boxes are all unsure; this policy accepts any box so the crop path runs.
 TINY_DETECTOR = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@random"
 ANY_BOX = {"min_score": 0.0, "max_center_offset": 1.0, "min_area": 0.0, "margin": 0.1}
+# The gallery's decode limit (room for the web page test's 451x300 photo): every query path applies it.
+MAX_PIXELS = 400 * 400
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,10 @@ def service(tmp_path_factory):
     # 4 logical CPUs: the main app takes 2.0 and the decode=device app 1.5 (two physical cores suffice).
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     run(EmbedConfig(inputs=(str(root / "data"),), output=str(root / "emb"), classifier=TINY_CLASSIFIER,
-                    embedder=TINY_CLIP_SPEC, batch_size=4, top_n=3))
+                    embedder=TINY_CLIP_SPEC, batch_size=4, top_n=3, max_pixels=MAX_PIXELS))
     # Small shards, split over two retriever deployments: the ingress must merge their top-k.
     manifest = build_index(root / "emb", root / "index", IndexConfig(shard_size=5))
-    shards = list(range(len(manifest["shards"])))
+    shards = list(range(len(manifest.shards)))
     assert len(shards) >= 2
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -161,6 +164,23 @@ def test_bad_input_gets_its_status_and_the_service_carries_on(service) -> None:
     for params in ({"k": 0}, {"k": "many"}, {"mode": "everything"}, {"crop": "maybe"}, {"min_score": 3}):
         assert post(service, good, **params).status_code == 422, params
     assert post(service, good).status_code == 200
+
+
+def test_queries_are_decoded_with_the_gallerys_pixel_limit(service) -> None:
+    """max_pixels travels embedding job -> index manifest -> every query path: the ingress, the
+    decode: device replicas and the offline engine refuse an image just over the gallery's limit."""
+    def jpeg(width: int, height: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(out, format="JPEG")
+        return out.getvalue()
+
+    over, at = jpeg(401, 400), jpeg(400, 400)
+    for url in (f"{service['url']}/search", f"{service['url']}/device/search"):
+        response = requests.post(url, data=over, timeout=60)
+        assert response.status_code == 400 and "too large" in response.json()["detail"], response.text
+        assert requests.post(url, data=at, timeout=60).status_code == 200
+    with pytest.raises(ImageDecodeError, match="too large"):
+        QueryEngine.load(str(service["index"])).search([over])
 
 
 def test_decoding_on_the_model_device_answers_like_the_ingress(service) -> None:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, make_class_folders, write_jpeg
 
-from pipeline.batch import ClassifyAndEmbed, DecodeImages, ReadShards, WriteParts, shard_to_row
+from pipeline.batch import ClassifyAndEmbed, DecodeImages, ModelSettings, ReadShards, WriteParts, shard_to_row
 from pipeline.models import load_classifier, load_embedder, select_runtime
 from pipeline.sources import discover_shards, read_shard, uri_id
 
@@ -97,7 +97,7 @@ def run_stages(tmp_path: Path, inputs: list[str], classifier: str, embedder: str
     emb = load_embedder(embedder, runtime)
     read = ReadShards(done)
     decode = DecodeImages({"cls": clf.preprocess, "emb": emb.preprocess}, tmp_path / "out" / "errors")
-    model = ClassifyAndEmbed(classifier, embedder, top_n=3, device="cpu")
+    model = ClassifyAndEmbed(classifier, embedder, ModelSettings(device="cpu", top_n=3))
     write = WriteParts(tmp_path / "out" / "embeddings", emb.dim)
     rows = [shard_to_row(s) for s in discover_shards(inputs)]
     read_out = read({"shard": np.array([r["shard"] for r in rows], dtype=object)})

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking
 
-from pipeline.batch import ClassifyAndEmbed
+from pipeline.batch import ClassifyAndEmbed, ModelSettings
 from pipeline.staging import Staging
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -19,8 +19,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def batches(stage: ClassifyAndEmbed, count: int, size: int = 3) -> list[dict]:
     rng = np.random.default_rng(0)
-    cls_size = stage.classify.classifier.preprocess.size
-    emb_size = stage.embed.embedder.preprocess.size
+    cls_size = stage.models.classifier.preprocess.size
+    emb_size = stage.models.embedder.preprocess.size
     return [{"id": np.arange(i * size, (i + 1) * size),
              "image_cls": rng.integers(0, 256, (size, *cls_size, 3), dtype=np.uint8),
              "image_emb": rng.integers(0, 256, (size, *emb_size, 3), dtype=np.uint8)} for i in range(count)]
@@ -39,7 +39,7 @@ def test_staging_puts_uint8_batches_on_the_device(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_concurrent_calls_equal_sequential_calls(device: str) -> None:
-    stage = ClassifyAndEmbed(TINY_CLASSIFIER, TINY_CLIP_SPEC, top_n=3, device=device, precision="fp32")
+    stage = ClassifyAndEmbed(TINY_CLASSIFIER, TINY_CLIP_SPEC, ModelSettings(device=device, precision="fp32", top_n=3))
     inputs = batches(stage, 6)
     sequential = [stage(b) for b in inputs]
     with ThreadPoolExecutor(2) as pool:
@@ -57,7 +57,7 @@ def test_concurrent_calls_equal_sequential_calls(device: str) -> None:
 def test_staging_overlaps_a_compute_and_computes_never_overlap() -> None:
     """While call A computes, call B stages (proved by B's staging finishing before A's compute ends);
     B's compute waits for A's."""
-    stage = ClassifyAndEmbed(TINY_CLASSIFIER, TINY_CLIP_SPEC, top_n=3, device="cpu", precision="fp32")
+    stage = ClassifyAndEmbed(TINY_CLASSIFIER, TINY_CLIP_SPEC, ModelSettings(device="cpu", precision="fp32", top_n=3))
     first, second = batches(stage, 2)
     staged_b = threading.Event()
     computing, overlaps, log = [], [], []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_CLASSIFIER
 
-from pipeline.batch import ClassifyAndEmbed
+from pipeline.batch import ClassifyAndEmbed, ModelSettings
 from pipeline.tuning import choose_batch_size, model_batch_runner
 
 
@@ -43,8 +43,8 @@ def test_nothing_fits() -> None:
 
 
 def test_real_model_runner_on_cpu() -> None:
-    stage = ClassifyAndEmbed(TINY_CLASSIFIER, TINY_CLASSIFIER, device="cpu")
-    size = stage.classify.classifier.preprocess.size
+    stage = ClassifyAndEmbed(TINY_CLASSIFIER, TINY_CLASSIFIER, ModelSettings(device="cpu"))
+    size = stage.models.classifier.preprocess.size
     chosen, rows = choose_batch_size(model_batch_runner(stage, {"image_cls": size, "image_emb": size}, "cpu"),
                                      candidates=(2, 4), repeats=1)
     assert chosen in (2, 4) and [r["batch_size"] for r in rows][0] == 2 and rows[0]["images_per_s"] > 0

@@ -1,0 +1,300 @@
+"""Building an index from an embedding job's output, and appending a new output to it.
+
+Rows are sorted by top-1 predicted class and cut into shards of whole classes; each shard gets its
+vectors, its rows and a FAISS index for global search. One streaming pass writes each row to its
+shard's bucket, so memory holds one part at a time, never the whole gallery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.files import sha256_file
+from pipeline.index.faiss_index import IndexConfig, build_faiss_index, choose_index_type
+from pipeline.manifests import EmbeddingManifest, IndexManifest
+
+ROW_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
+                        ("class", pa.int32()), ("class_prob", pa.float32())])
+
+
+def plan_shards(class_counts: dict[int, int], shard_size: int) -> list[list[int]]:
+    """Cuts the sorted classes into shards of at most ``shard_size`` rows, never splitting a class.
+
+    Returns:
+        the class indices of each shard, in class order.
+    """
+    shards: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for cls in sorted(class_counts):
+        count = class_counts[cls]
+        if current and rows + count > shard_size:
+            shards.append(current)
+            current, rows = [], 0
+        current.append(cls)
+        rows += count
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_shard(directory: Path, rows: pa.Table, vectors: np.ndarray, config: IndexConfig,
+                dtype: str = "float32") -> dict:
+    """Writes one shard (rows already sorted by class, id) and returns its manifest entry.
+
+    Args:
+        directory: the shard's folder (replaced atomically when it exists).
+        rows: ``ROW_SCHEMA`` table, one row per vector, sorted by (class, id).
+        vectors: (rows, dim) L2-normalised embeddings in the same order.
+        config: index settings.
+        dtype: storage type of ``vectors.npy`` (``float32`` or ``float16``).
+    """
+    if rows.num_rows != len(vectors):
+        raise ValueError(f"{rows.num_rows} rows but {len(vectors)} vectors")
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "vectors.npy", np.ascontiguousarray(vectors, dtype=dtype))
+    pq.write_table(rows, tmp / "rows.parquet")
+    kind = choose_index_type(len(vectors), config)
+    faiss.write_index(build_faiss_index(vectors, kind, config), str(tmp / "index.faiss"))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    classes = rows.column("class").to_numpy()
+    ranges = {}
+    if len(classes):
+        starts = np.flatnonzero(np.r_[True, classes[1:] != classes[:-1]])
+        ends = np.r_[starts[1:], len(classes)]
+        ranges = {int(classes[s]): [int(s), int(e)] for s, e in zip(starts, ends)}
+    files = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+             for name in ("vectors.npy", "rows.parquet", "index.faiss")}
+    return {"path": f"shards/{directory.name}", "rows": int(len(vectors)), "index_type": kind,
+            "classes": ranges, "files": files}
+
+
+def _read_embedding_parts(parts: Iterable[Path], columns: list[str]) -> Iterable[pa.Table]:
+    for part in parts:
+        yield pq.read_table(part, columns=columns)
+
+
+def _rows_and_vectors(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Embedding-job rows -> index rows (top-1 class) and float32 vectors."""
+    classes = table.column("classes").combine_chunks()
+    probs = table.column("class_probs").combine_chunks()
+    top = pc_first(classes).cast(pa.int32())
+    top_prob = pc_first(probs).cast(pa.float32())
+    rows = pa.table({"id": table.column("id"), "uri": table.column("uri"), "label": table.column("label"),
+                     "class": top, "class_prob": top_prob}, schema=ROW_SCHEMA)
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return rows, vectors
+
+
+def pc_first(lists: pa.Array) -> pa.Array:
+    """The first element of each list (a list array with no empty lists)."""
+    return pc.list_element(lists, 0)
+
+
+def _sort_shard(rows: pa.Table, vectors: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    order = np.lexsort((rows.column("id").to_numpy(), rows.column("class").to_numpy()))
+    return rows.take(pa.array(order)), vectors[order]
+
+
+def embedding_parts(embeddings_dir: Path) -> tuple[list[Path], EmbeddingManifest]:
+    """The part files and the manifest of an embedding job output folder.
+
+    Raises:
+        FileNotFoundError: not an embedding job output (no manifest.json), or parts missing.
+    """
+    manifest = EmbeddingManifest.read(embeddings_dir)
+    parts = [embeddings_dir / p["path"] for p in manifest.parts]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"embedding parts listed in {embeddings_dir / 'manifest.json'} are missing: "
+                                f"{missing[:3]}")
+    return parts, manifest
+
+
+def count_classes(parts: list[Path], skip_ids: np.ndarray | None = None) -> dict[int, int]:
+    """Rows per top-1 class over the parts (reads only the id and classes columns)."""
+    skip = np.sort(skip_ids) if skip_ids is not None else np.zeros(0, np.int64)
+    counts: dict[int, int] = {}
+    for table in _read_embedding_parts(parts, ["id", "classes"]):
+        keep = _not_in(table.column("id").to_numpy(), skip)
+        top = pc_first(table.column("classes").combine_chunks()).to_numpy(zero_copy_only=False)[keep]
+        for cls, n in zip(*np.unique(top, return_counts=True)):
+            counts[int(cls)] = counts.get(int(cls), 0) + int(n)
+    return counts
+
+
+def write_buckets(parts: list[Path], scratch: Path, shard_of: dict[int, int],
+                  skip_ids: np.ndarray | None = None) -> tuple[dict[int, Path], int]:
+    """One streaming pass: each row goes to its shard's bucket file. Memory holds one part at a
+    time, never the whole gallery.
+
+    Returns:
+        ``({shard: bucket file}, dim)``.
+    """
+    skip = np.sort(skip_ids) if skip_ids is not None else np.zeros(0, np.int64)
+    scratch.mkdir(parents=True, exist_ok=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    buckets: dict[int, Path] = {}
+    dim = 0
+    for table in _read_embedding_parts(parts, ["id", "uri", "label", "classes", "class_probs", "embedding"]):
+        dim = table.schema.field("embedding").type.list_size
+        table = table.filter(pa.array(_not_in(table.column("id").to_numpy(), skip)))
+        top = pc_first(table.column("classes").combine_chunks()).to_numpy(zero_copy_only=False)
+        targets = np.array([shard_of[int(c)] for c in top], dtype=np.int64)
+        for s in np.unique(targets):
+            s = int(s)
+            piece = table.filter(pa.array(targets == s))
+            if s not in writers:
+                buckets[s] = scratch / f"bucket-{s:04d}.parquet"
+                writers[s] = pq.ParquetWriter(buckets[s], piece.schema)
+            writers[s].write_table(piece)
+    for writer in writers.values():
+        writer.close()
+    return buckets, dim
+
+
+def _not_in(values: np.ndarray, sorted_skip: np.ndarray) -> np.ndarray:
+    if len(sorted_skip) == 0:
+        return np.ones(len(values), dtype=bool)
+    pos = np.searchsorted(sorted_skip, values).clip(max=len(sorted_skip) - 1)
+    return sorted_skip[pos] != values
+
+
+def build_shard_from_bucket(bucket: Path, directory: Path, config: IndexConfig, dtype: str = "float32",
+                            existing: Path | None = None) -> dict:
+    """Builds one shard from its bucket file (plus, when appending, the shard's current contents)."""
+    rows, vectors = _rows_and_vectors(pq.read_table(bucket))
+    if existing is not None:
+        old_rows = pq.read_table(existing / "rows.parquet")
+        old_vectors = np.load(existing / "vectors.npy", mmap_mode="r").astype(np.float32)
+        rows = pa.concat_tables([old_rows, rows])
+        vectors = np.concatenate([old_vectors, vectors])
+    rows, vectors = _sort_shard(rows, vectors)
+    return write_shard(directory, rows, vectors, config, dtype)
+
+
+def write_index_manifest(index_dir: Path, shards: list[dict], source: EmbeddingManifest | IndexManifest,
+                         config: IndexConfig, dim: int, dtype: str, sources: list[str]) -> IndexManifest:
+    """Writes the index ``manifest.json``: the shards, where each class lies, and the models and
+    decode limit of ``source`` (the embedding output, or the index being appended to)."""
+    class_map = {}
+    for number, shard in enumerate(shards):
+        for cls, (start, end) in shard["classes"].items():
+            class_map[str(cls)] = [number, start, end]
+    manifest = IndexManifest(
+        models=source.models, dim=dim, vector_dtype=dtype, config=dataclasses.asdict(config), sources=sources,
+        rows=sum(s["rows"] for s in shards), classes=class_map, max_pixels=source.max_pixels,
+        shards=[{k: v for k, v in s.items() if k != "classes"} | {"classes": len(s["classes"])} for s in shards])
+    manifest.write(index_dir)
+    return manifest
+
+
+def _shard_dir(index_dir: Path, number: int) -> Path:
+    return index_dir / "shards" / f"{number:04d}"
+
+
+def _shard_jobs_map(jobs: list[tuple], mapper) -> list[dict]:
+    return list(mapper(lambda job: build_shard_from_bucket(*job), jobs))
+
+
+def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: IndexConfig = IndexConfig(),
+                dtype: str = "float32", mapper=map) -> dict:
+    """Builds a class-sharded index from an embedding job's output.
+
+    Args:
+        embeddings_dir: the ``--output`` folder of ``jobs.embed``.
+        index_dir: where the index goes (must not hold an index yet).
+        config: sharding and global index settings.
+        dtype: storage type of the vectors (``float32`` or ``float16``).
+        mapper: ``map``-like callable running the per-shard builds (e.g. in parallel on Ray).
+
+    Returns:
+        the index manifest.
+
+    Raises:
+        FileExistsError: ``index_dir`` already holds an index (append to it, or pick a new folder).
+    """
+    embeddings_dir, index_dir = Path(embeddings_dir), Path(index_dir)
+    if (index_dir / "manifest.json").exists():
+        raise FileExistsError(f"{index_dir} already holds an index; use append (--append) or a new folder")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    parts, source = embedding_parts(embeddings_dir)
+    counts = count_classes(parts)
+    shards = plan_shards(counts, config.shard_size)
+    shard_of = {cls: s for s, classes in enumerate(shards) for cls in classes}
+    scratch = index_dir / ".build-tmp"
+    try:
+        buckets, dim = write_buckets(parts, scratch, shard_of)
+        dim = dim or source.dim
+        jobs = [(buckets[s], _shard_dir(index_dir, s), config, dtype) for s in range(len(shards))]
+        entries = _shard_jobs_map(jobs, mapper)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return write_index_manifest(index_dir, entries, source, config, dim, dtype, [str(embeddings_dir.resolve())])
+
+
+def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map) -> dict:
+    """Adds a new embedding output to an existing index, rebuilding only the shards it touches.
+
+    Rows whose id is already indexed are skipped; images of known classes go to their class's shard
+    (which may then exceed ``shard_size``; rebuild from scratch to re-balance); new classes get new
+    shards. The result answers searches exactly as an index built from both outputs at once.
+
+    Raises:
+        FileNotFoundError: no index at ``index_dir``.
+        ValueError: the new embeddings were made with other models.
+    """
+    embeddings_dir, index_dir = Path(embeddings_dir), Path(index_dir)
+    old = IndexManifest.read(index_dir)
+    parts, source = embedding_parts(embeddings_dir)
+    old.models.require(source.models.specs(), f"the index {index_dir} (appending {embeddings_dir})")
+    if source.max_pixels != old.max_pixels:
+        raise ValueError(f"{embeddings_dir} was decoded with max_pixels {source.max_pixels}, the index "
+                         f"{index_dir} with {old.max_pixels}; re-run the embedding job with --max-pixels "
+                         f"{old.max_pixels}")
+    config = IndexConfig(**old.config)
+    known_ids = np.sort(np.concatenate([pq.read_table(index_dir / s["path"] / "rows.parquet", columns=["id"])
+                                        ["id"].to_numpy() for s in old.shards] or [np.zeros(0, np.int64)]))
+    counts = count_classes(parts, known_ids)
+    old_map = {int(c): v for c, v in old.classes.items()}
+    shard_of = {cls: old_map[cls][0] for cls in counts if cls in old_map}
+    new_classes = {cls: n for cls, n in counts.items() if cls not in old_map}
+    first_new = len(old.shards)
+    for offset, classes in enumerate(plan_shards(new_classes, config.shard_size)):
+        shard_of.update({cls: first_new + offset for cls in classes})
+    scratch = index_dir / ".append-tmp"
+    try:
+        buckets, _ = write_buckets(parts, scratch, shard_of, known_ids)
+        jobs = [(bucket, _shard_dir(index_dir, s), config, old.vector_dtype,
+                 _shard_dir(index_dir, s) if s < first_new else None) for s, bucket in sorted(buckets.items())]
+        rebuilt = dict(zip(sorted(buckets), _shard_jobs_map(jobs, mapper)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    entries = []
+    for number in range(max([first_new - 1, *rebuilt]) + 1):
+        if number in rebuilt:
+            entries.append(rebuilt[number])
+        else:
+            entry = dict(old.shards[number])
+            entry["classes"] = {c: [v[1], v[2]] for c, v in old_map.items() if v[0] == number}
+            entries.append(entry)
+    return write_index_manifest(index_dir, entries, old, config, old.dim, old.vector_dtype,
+                                old.sources + [str(embeddings_dir.resolve())])

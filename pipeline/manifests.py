@@ -1,0 +1,194 @@
+"""The two on-disk manifests, typed, read and written here only.
+
+``EmbeddingManifest``: ``OUT/manifest.json`` of an embedding job (``jobs.embed``): the models and
+their preprocessing, the decode limit, the parts and the counts.
+
+``IndexManifest``: ``INDEX/manifest.json`` of an index (``jobs.build_index``): the same models and
+decode limit (carried over from the embedding output, so every query is decoded and preprocessed
+like the gallery), the shards and where each class lies.
+
+``ModelSet`` holds the models of either and is the one place that checks two sets of models agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.files import write_json_atomically
+from pipeline.images import DEFAULT_MAX_PIXELS, Preprocess
+
+#: Version of the embedding row schemas and of their manifest.
+EMBEDDING_SCHEMA_VERSION = 1
+#: Version of the index layout and manifest. 2 records ``max_pixels``; 1 did not (read as the default).
+INDEX_SCHEMA_VERSION = 2
+_READABLE_INDEX_VERSIONS = (1, 2)
+ROLES = ("classifier", "embedder")
+
+
+def now() -> str:
+    """A manifest's ``created`` time stamp (UTC, seconds)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The classifier and the embedder a gallery was processed with.
+
+    Each role maps to its facts as written in the manifests: ``spec``, ``preprocess`` and, for the
+    classifier, ``label_space`` and ``num_classes``; for the embedder ``dim``, ``metric`` and
+    ``normalized``.
+    """
+
+    classifier: dict
+    embedder: dict
+
+    def spec(self, role: str) -> str:
+        return str(self._role(role)["spec"])
+
+    def specs(self) -> dict[str, str]:
+        return {role: self.spec(role) for role in ROLES}
+
+    def preprocess(self, role: str) -> Preprocess:
+        """The preprocessing the gallery's images went through for this model."""
+        cfg = self._role(role)["preprocess"]
+        return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+    def mismatches(self, expect: dict[str, str]) -> list[str]:
+        """Differences between these models and ``{"classifier": spec, "embedder": spec}`` (the
+        roles given)."""
+        return [f"{role}: built with {self.spec(role)!r}, not {spec!r}" for role, spec in expect.items()
+                if self.spec(role) != spec]
+
+    def require(self, expect: dict[str, str], what: str) -> None:
+        """Raises ValueError naming ``what`` when ``expect`` differs from these models."""
+        diffs = self.mismatches(expect)
+        if diffs:
+            raise ValueError(f"{what} was made with other models ({'; '.join(diffs)}); queries and gallery "
+                             f"must go through the same models: rebuild it, or use the models it names")
+
+    def to_json(self) -> dict:
+        return {"classifier": self.classifier, "embedder": self.embedder}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "ModelSet":
+        missing = [role for role in ROLES if role not in raw or "spec" not in raw[role]]
+        if missing:
+            raise ValueError(f"manifest names no {' or '.join(missing)} spec")
+        return cls(classifier=dict(raw["classifier"]), embedder=dict(raw["embedder"]))
+
+    def _role(self, role: str) -> dict:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        return getattr(self, role)
+
+
+def _read(path: Path, hint: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {hint}") from None
+
+
+@dataclass(frozen=True)
+class EmbeddingManifest:
+    """``manifest.json`` of an embedding job's output folder."""
+
+    models: ModelSet
+    inputs: list[str]
+    top_n: int
+    embedding_dtype: str
+    max_pixels: int
+    counts: dict
+    parts: list[dict]
+    error_parts: list[dict] = field(default_factory=list)
+    created: str = field(default_factory=now)
+    schema_version: int = EMBEDDING_SCHEMA_VERSION
+
+    @property
+    def dim(self) -> int:
+        return int(self.models.embedder["dim"])
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["models"] = self.models.to_json()
+        return {"schema_version": out.pop("schema_version"), "created": out.pop("created"), **out}
+
+    def write(self, folder: str | Path) -> None:
+        write_json_atomically(self.to_json(), Path(folder) / "manifest.json")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "EmbeddingManifest":
+        """Reads ``folder/manifest.json``.
+
+        Raises:
+            FileNotFoundError: not a finished embedding output.
+            ValueError: another schema version, or not a manifest.
+        """
+        path = Path(folder) / "manifest.json"
+        raw = _read(path, "it must be the --output folder of a finished `python -m jobs.embed` run")
+        if raw.get("schema_version") != EMBEDDING_SCHEMA_VERSION:
+            raise ValueError(f"{path}: embedding schema_version {raw.get('schema_version')} is not "
+                             f"{EMBEDDING_SCHEMA_VERSION}; re-run the embedding job with this version")
+        return cls(models=ModelSet.from_json(raw["models"]), inputs=list(raw["inputs"]), top_n=int(raw["top_n"]),
+                   embedding_dtype=raw["embedding_dtype"], max_pixels=int(raw["max_pixels"]),
+                   counts=raw["counts"], parts=list(raw["parts"]), error_parts=list(raw.get("error_parts", [])),
+                   created=raw["created"], schema_version=raw["schema_version"])
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """``manifest.json`` of an index folder.
+
+    Attributes:
+        classes: class index (as a string) -> ``[shard, start, end]``, its rows' position range.
+        shards: per shard its ``path``, ``rows``, ``index_type``, ``classes`` (count) and ``files``
+            (name -> ``sha256``, ``bytes``).
+        max_pixels: the decode limit the gallery was embedded with; queries use the same.
+    """
+
+    models: ModelSet
+    dim: int
+    vector_dtype: str
+    config: dict
+    sources: list[str]
+    rows: int
+    classes: dict[str, list[int]]
+    shards: list[dict]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    metric: str = "inner_product"
+    created: str = field(default_factory=now)
+    schema_version: int = INDEX_SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["models"] = self.models.to_json()
+        return {"schema_version": out.pop("schema_version"), "created": out.pop("created"), **out}
+
+    def write(self, folder: str | Path) -> None:
+        write_json_atomically(self.to_json(), Path(folder) / "manifest.json", indent=1)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "IndexManifest":
+        """Reads ``folder/manifest.json``.
+
+        Raises:
+            FileNotFoundError: no index there.
+            ValueError: a schema version this code cannot read, or not a manifest.
+        """
+        path = Path(folder) / "manifest.json"
+        raw = _read(path, "build an index with `python -m jobs.build_index`")
+        version = raw.get("schema_version")
+        if version not in _READABLE_INDEX_VERSIONS:
+            raise ValueError(f"{Path(folder)}: index schema_version {version} is not {INDEX_SCHEMA_VERSION}; "
+                             f"rebuild it with this version")
+        return cls(models=ModelSet.from_json(raw["models"]), dim=int(raw["dim"]), vector_dtype=raw["vector_dtype"],
+                   config=dict(raw["config"]), sources=list(raw["sources"]), rows=int(raw["rows"]),
+                   classes=dict(raw["classes"]), shards=list(raw["shards"]),
+                   max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)), metric=raw.get("metric", "inner_product"),
+                   created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)
