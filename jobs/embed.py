@@ -22,17 +22,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipeline.batch import (
-    ClassifyAndEmbed,
-    ClassifyImages,
-    DecodeImages,
-    EmbedImages,
-    ModelSettings,
-    ReadShards,
-    WriteParts,
-    classify_and_embed_on_device,
-    shard_to_row,
-)
+from pipeline.batch import DecodeImages, ReadShards, WriteParts, shard_to_row
 from pipeline.embed_output import (
     EmbedConfig,
     check_config,
@@ -44,6 +34,13 @@ from pipeline.embed_output import (
 )
 from pipeline.files import write_json_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.model_stages import (
+    ClassifyAndEmbed,
+    ClassifyImages,
+    EmbedImages,
+    ModelSettings,
+    classify_and_embed_on_device,
+)
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER
 from pipeline.sources import discover_shards
 from pipeline.tuning import choose_batch_size, model_batch_runner
@@ -155,7 +152,7 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     # from fusing the decode tasks into the model actors (fusion needs identical resource
     # requests), so decoding stays spread over all CPUs instead of running inside the actors.
     # Two calls at a time per model actor: while one batch computes, the next one is copied (or
-    # decoded) to the device and the previous one written (pipeline.batch.ModelStage keeps the
+    # decoded) to the device and the previous one written (pipeline.model_stages.ModelStage keeps the
     # computes one at a time, so memory holds one batch's activations).
     pool = ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
     model_args = dict(batch_size=batch_size, num_gpus=num_gpus, num_cpus=model_cpus,
@@ -184,7 +181,7 @@ class ModelActor:
     interrupted run would lose everything) and keeps the embeddings out of the object store.
 
     Args:
-        make: builds the stage (a :mod:`pipeline.batch` model stage class or factory).
+        make: builds the stage (a :mod:`pipeline.model_stages` class or factory).
         kwargs: its arguments.
         write_to: :class:`pipeline.batch.WriteParts` arguments, or None (not the last stage).
     """

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, make_class_folders, write_jpeg
 
-from pipeline.batch import ClassifyAndEmbed, DecodeImages, ModelSettings, ReadShards, WriteParts, shard_to_row
+from pipeline.batch import DecodeImages, ReadShards, WriteParts, shard_to_row
+from pipeline.model_stages import ClassifyAndEmbed, ModelSettings
 from pipeline.models import load_classifier, load_embedder, select_runtime
 from pipeline.sources import discover_shards, read_shard, uri_id
 

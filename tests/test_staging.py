@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking
 
-from pipeline.batch import ClassifyAndEmbed, ModelSettings
+from pipeline.model_stages import ClassifyAndEmbed, ModelSettings
 from pipeline.staging import Staging
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_CLASSIFIER
 
-from pipeline.batch import ClassifyAndEmbed, ModelSettings
+from pipeline.model_stages import ClassifyAndEmbed, ModelSettings
 from pipeline.tuning import choose_batch_size, model_batch_runner
 
 

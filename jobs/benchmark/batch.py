@@ -12,7 +12,7 @@
 and prints images/s and the ratios to (a) and (b); ``--plot FILE.png`` draws the two sweeps.
 ``--skip-ray`` measures (a), (b), (b'), (d) and (d') only: the pipeline stages directly, where Ray
 is absent. (d)/(a) and (d')/(a) are the end-to-end-from-JPEG-bytes ratios of one model device.
-torch (and pipeline.batch, pipeline.models, which import it), ray and matplotlib are imported only
+torch (and pipeline.model_stages, pipeline.models, which import it), ray and matplotlib are imported only
 when this area runs.
 """
 
@@ -70,7 +70,7 @@ def _busy_seconds(out: dict) -> tuple[float, float]:
 def bench_batch(args: argparse.Namespace) -> dict:
     import torch
 
-    from pipeline.batch import ClassifyAndEmbed, DecodeOnDevice, ModelSettings
+    from pipeline.model_stages import ClassifyAndEmbed, DecodeOnDevice, ModelSettings
     from pipeline.models import select_runtime
 
     threads = args.threads or os.cpu_count() or 1

@@ -2,7 +2,7 @@
 and measures: build time and peak memory, class-restricted search latency per query (p50/p99),
 exact global search QPS, and approximate (IVF) global search QPS and recall@10 against exact.
 ``--json FILE`` writes the figures. faiss (an optional dependency the other areas do without) and
-pipeline.index and pipeline.batch are imported only when it runs: the build child needs no torch.
+pipeline.index and pipeline.batch are imported only when it runs (neither imports torch).
 """
 
 from __future__ import annotations
