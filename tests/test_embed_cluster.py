@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import TINY_CLASSIFIER, assert_same_ranking, free_port, make_class_folders
@@ -54,23 +57,44 @@ def ray_head(tmp_path: Path):
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).with_name("ray"))
     gcs, dashboard = free_port(), free_port()  # no fixed ports: another Ray on the machine may hold them
-    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--disable-usage-stats", "--port", str(gcs),
-                    "--dashboard-port", str(dashboard)], env=env, check=True, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dashboard}"
+    # --block in a process group of its own: teardown stops this head only. (`ray stop` would stop
+    # every Ray on the machine, e.g. a developer's demo running beside the tests.)
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
+                             "--port", str(gcs), "--dashboard-port", str(dashboard)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        yield ray_cli, env, f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 180
+        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
+                             capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head's job server did not come up in 180 s"
+            time.sleep(1)
+        yield ray_cli, env, address
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # its graceful stop takes ~30 s; nothing here needs it
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=60)
 
 
 def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head) -> None:
     ray_cli, env, address = ray_head
     make_class_folders(tmp_path / "data", classes=2, per_class=4, bad=1)
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "-m", "jobs.embed", "--input", str(tmp_path / "data"), "--output", str(out),
-         "--classifier", TINY_CLASSIFIER, "--embedder", TINY_CLASSIFIER, "--batch-size", "4"],
-        env=env, capture_output=True, text=True, timeout=600)
+    deadline = time.monotonic() + 120
+    while True:
+        proc = subprocess.run(
+            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             "python", "-m", "jobs.embed", "--input", str(tmp_path / "data"), "--output", str(out),
+             "--classifier", TINY_CLASSIFIER, "--embedder", TINY_CLASSIFIER, "--batch-size", "4"],
+            env=env, capture_output=True, text=True, timeout=600)
+        # A head just started may not have its job agent yet (on a busy machine): Ray says to retry.
+        if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -80,11 +104,6 @@ def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head) -> None:
 
 def test_killed_job_resumes_to_identical_rows(tmp_path: Path) -> None:
     """SIGKILL the job (and its local Ray) once parts exist, run it again: same rows as a clean run."""
-    import signal
-    import time
-
-    import pyarrow.parquet as pq
-
     make_class_folders(tmp_path / "data", classes=4, per_class=16, bad=2)
     model = "timm:tf_efficientnet_lite0@random"
     args = ["--input", str(tmp_path / "data"), "--classifier", model, "--embedder", model,
