@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,11 +60,14 @@ def ray_head(tmp_path: Path):
     ray_cli = str(Path(sys.executable).with_name("ray"))
     gcs, dashboard = free_port(), free_port()  # no fixed ports: another Ray on the machine may hold them
     address = f"http://127.0.0.1:{dashboard}"
-    # --block in a process group of its own: teardown stops this head only. (`ray stop` would stop
-    # every Ray on the machine, e.g. a developer's demo running beside the tests.)
+    # --block in a process group of its own: teardown stops this head only (`ray stop` would stop
+    # every Ray on the machine, e.g. a developer's demo running beside the tests). Its own short
+    # --temp-dir: the head's "current cluster" file stays there, so a later plain `ray.init()` (the
+    # jobs' own) starts its own Ray instead of finding this stopped one.
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-", dir="/tmp")  # short: Ray's socket paths must fit
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
-                             "--port", str(gcs), "--dashboard-port", str(dashboard)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             "--port", str(gcs), "--dashboard-port", str(dashboard), "--temp-dir", temp_dir],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
@@ -78,6 +83,7 @@ def ray_head(tmp_path: Path):
         except subprocess.TimeoutExpired:  # its graceful stop takes ~30 s; nothing here needs it
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head) -> None:
