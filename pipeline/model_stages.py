@@ -159,8 +159,9 @@ class ClassifyAndEmbed(ModelStage):
         return super().stage(_strip_images(batch, ("image_emb",)) if self.shared else batch)
 
     def compute(self, batch: dict) -> dict[str, np.ndarray]:
-        images_emb = batch["image_cls"] if self.shared else batch["image_emb"]
-        indices, probs, vectors = self.models.classify_and_embed(batch["image_cls"], images_emb, self.top_n)
+        # Shared: one network reads image_cls for both outputs (image_emb was not even staged).
+        indices, probs, vectors = self.models.classify_and_embed(batch["image_cls"], batch.get("image_emb"),
+                                                                 self.top_n)
         out = _strip_images(batch, ("image_cls", "image_emb"))
         out["classes"], out["class_probs"] = indices, probs
         out["embedding"] = vectors.astype(self.embedding_dtype)

@@ -46,9 +46,12 @@ class QueryPreprocess:
 
     def model_inputs(self, image: np.ndarray,
                      box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The classifier's and the embedder's inputs of an image, cropped to ``box`` first if given."""
+        """The classifier's and the embedder's inputs of an image, cropped to ``box`` first if given
+        (one resize when both models take the same input)."""
         image = crop_image(image, box)
-        return resize_image(image, self.classifier), resize_image(image, self.embedder)
+        for_classifier = resize_image(image, self.classifier)
+        return for_classifier, (for_classifier if self.embedder == self.classifier
+                                else resize_image(image, self.embedder))
 
 
 def class_answers(labels: LabelSpace, indices: np.ndarray, probs: np.ndarray) -> list[list[dict]]:

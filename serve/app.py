@@ -364,10 +364,7 @@ def build_app(args: dict) -> serve.Application:
     """
     config = AppConfig(**{k: v for k, v in args.items()})
     index = Path(config.index).expanduser().resolve()
-    if not (index / "manifest.json").is_file():
-        raise FileNotFoundError(f"{index / 'manifest.json'} not found; build the index first "
-                                f"(make demo builds out/demo-index)")
-    manifest = IndexManifest.read(index)
+    manifest = IndexManifest.read(index)  # FileNotFoundError that says how to build one
     specs = manifest.models.specs()
     overrides = {role: spec for role, spec in (("classifier", config.classifier), ("embedder", config.embedder))
                  if spec}
