@@ -33,13 +33,15 @@ demo: install
 		$$(test -f out/demo-index/manifest.json && echo --append)
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.search --index out/demo-index -k 5 \
 		--image out/demo-data/chelsea.png $$(ls out/demo-data/digit_3/*.png | head -1)
-	# Retrieval quality on MNIST-5000: the pretrained embedding, then a triplet fine-tune on the
-	# gallery split (queries held out), then the table for both and result grids.
+	# Retrieval quality on MNIST-5000: the pretrained embedding, then a fine-tune (multi-similarity
+	# loss) on the gallery split (queries held out), then the strategy table for both, the
+	# recommended strategy and result grids.
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.evaluate --dataset mnist5000 --queries-per-class 50 --output out/eval-mnist5000
-	HF_HUB_OFFLINE=1 $(PY) -m jobs.train_triplet --data out/eval-mnist5000/gallery --output out/triplet-mnist5000 \
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.train_embedder --data out/eval-mnist5000/gallery --output out/embedder-mnist5000 \
 		--input-size 128 --steps 400
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.evaluate --dataset mnist5000 --queries-per-class 50 --output out/eval-mnist5000 \
-		--finetuned timm:tf_efficientnet_lite0@out/triplet-mnist5000/embedder.safetensors --grids 3
+		--finetuned timm:tf_efficientnet_lite0@out/embedder-mnist5000/embedder.safetensors --grids 3 \
+		--recommend out/eval-mnist5000/strategy.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out

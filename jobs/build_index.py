@@ -2,11 +2,15 @@
 
     python -m jobs.build_index --embeddings OUT --output INDEX [--shard-size N]
                                [--global-index auto|flat|ivf|ivfpq|hnsw] [--append] [--ray]
+                               [--strategy NAME|FILE]
+    python -m jobs.build_index --output INDEX --strategy NAME|FILE     # set it on an existing index
 
 Rows are grouped by top-1 predicted class; each class gets a contiguous range inside one shard;
 shards are cut at class boundaries. ``--append`` adds a new embedding output to an existing index,
 rebuilding only the shards whose classes gained images. ``--ray`` builds shards in parallel as
-Ray tasks (for large builds; connects to the cluster under ``ray job submit``).
+Ray tasks (for large builds; connects to the cluster under ``ray job submit``). ``--strategy``
+records the search strategy that ``jobs.search`` and the service use by default (a name, or the
+file ``jobs.evaluate --recommend`` writes); an index without one is searched globally.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 
 from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, append_index, build_index
+from pipeline.manifests import IndexManifest
+from pipeline.strategy import Strategy
 
 logger = logging.getLogger("jobs.build_index")
 
@@ -39,7 +46,7 @@ def _ray_mapper():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.build_index", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--embeddings", required=True, type=Path, help="the --output folder of jobs.embed")
+    parser.add_argument("--embeddings", type=Path, help="the --output folder of jobs.embed")
     parser.add_argument("--output", required=True, type=Path, help="index folder")
     parser.add_argument("--shard-size", type=int, default=1_000_000, help="most rows per shard (default: 1000000)")
     parser.add_argument("--global-index", default="auto", choices=GLOBAL_INDEX_TYPES,
@@ -50,17 +57,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="storage of the vectors for class-restricted search")
     parser.add_argument("--append", action="store_true", help="add to the existing index at --output")
     parser.add_argument("--ray", action="store_true", help="build shards in parallel as Ray tasks")
+    parser.add_argument("--strategy", help="default search strategy: global, class[@N], gated[@N]:TAU, rerank:BETA "
+                                           "or a jobs.evaluate --recommend file (default: global)")
     args = parser.parse_args(argv)
+    try:
+        strategy = None if args.strategy is None else Strategy.load(args.strategy).to_json()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.embeddings is None:
+        if strategy is None:
+            parser.error("give --embeddings (to build or --append), or --strategy to set an existing index's")
+        try:
+            manifest = replace(IndexManifest.read(args.output), strategy=strategy)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        manifest.write(args.output)
+        print(f"index {args.output.resolve()}: default strategy {strategy['name']}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mapper = _ray_mapper() if args.ray else map
     start = time.perf_counter()
     try:
         if args.append:
-            manifest = append_index(args.embeddings, args.output, mapper=mapper)
+            manifest = append_index(args.embeddings, args.output, mapper=mapper, strategy=strategy)
         else:
             config = IndexConfig(shard_size=args.shard_size, global_index=args.global_index, nlist=args.nlist,
                                  pq_m=args.pq_m)
-            manifest = build_index(args.embeddings, args.output, config, args.vector_dtype, mapper=mapper)
+            manifest = build_index(args.embeddings, args.output, config, args.vector_dtype, mapper=mapper,
+                                   strategy=strategy)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -69,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"rows": manifest.rows, "classes": len(manifest.classes), "shards": len(manifest.shards),
                "global_index": kinds, "seconds": round(seconds, 2)}
     (args.output / "build_summary.json").write_text(json.dumps(summary, indent=2))
+    default = (manifest.strategy or {}).get("name", "global")
     print(f"index {args.output.resolve()}: {summary['rows']} images, {summary['classes']} classes, "
-          f"{summary['shards']} shards ({', '.join(kinds)}), built in {seconds:.1f} s")
+          f"{summary['shards']} shards ({', '.join(kinds)}), built in {seconds:.1f} s; default strategy {default}")
     return 0
 
 

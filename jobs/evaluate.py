@@ -1,6 +1,6 @@
 """Measure retrieval quality (mAP@k) of every search strategy on a labelled image set.
 
-    python -m jobs.evaluate --data FOLDER | --dataset NAME  --output OUT
+    python -m jobs.evaluate --data FOLDER | --dataset NAME  --output OUT [--recommend FILE]
                             [--queries-per-class 20] [--finetuned SPEC] [--detector SPEC] [--grids 4]
 
 The set (one sub-folder per class, or a named set: mnist5000, fashion-mnist, mnist:DIR, ... see
@@ -8,17 +8,27 @@ The set (one sub-folder per class, or a named set: mnist5000, fashion-mnist, mni
 held out as queries, the rest is the gallery (``OUT/gallery``, links to the files, and
 ``OUT/split.json``). The gallery goes through the product's own path — the embedding job on Ray,
 then the class-sharded index — and every query through ``pipeline.search.QueryEngine``, as
-``jobs.search`` and the service answer it. Strategies:
+``jobs.search`` and the service answer it. The strategies (``pipeline.strategy``) are swept:
 
     global       embedding similarity over the whole gallery
-    class@1      Approach 2: among the gallery images of the top predicted class
+    class@1      Approach 2: among the gallery images of the top predicted class (filled up from
+                 global search when the class holds fewer than k)
     class@N      among those of the top N predicted classes (--top-n)
-  for the pretrained embedder and, with --finetuned, a triplet-trained one (``jobs.train_triplet
-  --data OUT/gallery``); each with the detection crop off and, with --detector, on (queries cropped).
+    gated@N:TAU  class@N when the top-1 probability is >= TAU, else global (TAU swept)
+    rerank:BETA  global candidates re-ordered by similarity + BETA x the query's probability of
+                 their class (BETA swept)
+    calibrated   held out: each half of the queries answered with the setting best on the other half
+
+for the pretrained embedder and, with --finetuned, a fine-tuned one (``jobs.train_embedder
+--data OUT/gallery``); each with the detection crop off and, with --detector, on (queries cropped).
 
 A result is relevant when its folder label equals the query's. Writes ``OUT/results.md`` (the
-table: strategy x mAP@1/3/5, precision@k, recall@k, queries/s), ``OUT/results.json`` (with the
-worst classes of every strategy) and, with --grids, PNGs of queries beside their top results.
+table: strategy x mAP@1/3/5, precision@k, recall@k, queries/s, and the best setting per metric),
+``OUT/results.json`` (with the whole sweep and the worst classes of every strategy), with
+--recommend the setting best for --metric (global unless another beats it by --min-gain; the
+fine-tuned embedder's when given) as a strategy file
+for ``jobs.build_index --strategy`` and the service, and with --grids PNGs of queries beside their
+top results.
 """
 
 from __future__ import annotations
@@ -38,7 +48,15 @@ import ray
 from jobs.embed import run as run_embedding_job
 from pipeline.datasets import DATASETS, list_labelled_images, write_dataset
 from pipeline.embed_output import EmbedConfig
-from pipeline.evaluation import EvalConfig, evaluate_engine, link_gallery, markdown_table, split, write_grids
+from pipeline.evaluation import (
+    EvalConfig,
+    calibration_table,
+    evaluate_engine,
+    link_gallery,
+    markdown_table,
+    split,
+    write_grids,
+)
 from pipeline.files import write_json_atomically
 from pipeline.index import IndexConfig, build_index
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, CropPolicy, load_detector, select_runtime
@@ -89,24 +107,36 @@ def run(config: EvalConfig) -> dict:
         if config.detector else None
     embedders = [("pretrained", config.embedder)] + ([("finetuned", config.finetuned)] if config.finetuned else [])
     rows: list[dict] = []
+    calibrations: list[dict] = []
     for role, spec in embedders:
         index = build_gallery_index(out, gallery, config.classifier, spec, split_key)
-        engine = QueryEngine.load(str(index), runtime=runtime, top_n=config.top_n, detector=detector)
+        engine = QueryEngine.load(str(index), runtime=runtime, detector=detector)
         for crop in (False, True) if detector else (False,):
-            for row in evaluate_engine(engine, images, query_labels, n_relevant, config, crop):
-                rows.append({"embedder": role, "embedder_spec": spec, **row})
+            found, calibration = evaluate_engine(engine, images, query_labels, n_relevant, config, crop)
+            rows += [{"embedder": role, "embedder_spec": spec, **row} for row in found]
+            calibrations.append({"embedder": role, "embedder_spec": spec, "crop": "on" if crop else "off",
+                                 **calibration})
     grids = []
     if config.grids:
-        best = max(rows, key=lambda r: r[f"mAP@{max(config.ks)}"])
+        best = max((r for r in rows if r["strategy"] != "calibrated"), key=lambda r: r[config.target_metric])
         for row in {id(r): r for r in (rows[0], best)}.values():
             grids += write_grids(out, row, [paths[i] for i in query_idx], query_labels, config.grids, max(config.ks))
     title = f"{config.dataset or config.data}: {len(query_idx)} queries, {len(gallery_idx)} gallery images, " \
             f"{len(gallery_counts)} classes"
-    table = markdown_table(rows, config.ks, title)
+    table = markdown_table(rows, config.ks, title) + "\n" + calibration_table(calibrations)
     results = {"title": title, "classifier": config.classifier,
-               "rows": [{k: v for k, v in r.items() if k != "_results"} for r in rows], "grids": grids}
+               "rows": [{k: v for k, v in r.items() if k != "_results"} for r in rows],
+               "calibration": calibrations, "grids": grids}
     (out / "results.md").write_text(table)
     write_json_atomically(results, out / "results.json")
+    if config.recommend:
+        chosen = next(c for c in calibrations[::-1] if c["crop"] == "off")  # the fine-tuned embedder's, if any
+        write_json_atomically({"strategy": chosen["recommended"], "metric": chosen["metric"],
+                               "value": chosen["recommended_value"], "held_out_value": chosen["held_out_value"],
+                               "global_value": chosen["global_value"], "evaluation": title,
+                               "classifier": config.classifier, "embedder": chosen["embedder_spec"]},
+                              Path(config.recommend))
+        results["recommended"] = chosen
     return results
 
 
@@ -121,21 +151,27 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="the pretrained embedder")
-    parser.add_argument("--finetuned", help="a triplet-trained embedder spec (from jobs.train_triplet)")
+    parser.add_argument("--finetuned", help="a fine-tuned embedder spec (from jobs.train_embedder)")
     parser.add_argument("--detector", help="torchvision detector spec: adds the crop-on rows")
     parser.add_argument("--crop-min-score", type=float, default=CropPolicy.min_score)
-    parser.add_argument("--top-n", type=int, default=3, help="classes searched by the class@N strategy")
+    parser.add_argument("--top-n", type=int, default=3, help="classes searched by class@N and gated@N (default: 3)")
     parser.add_argument("-k", type=int, nargs="+", default=[1, 3, 5], help="cut-offs (default: 1 3 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="queries per forward pass (default: 32)")
     parser.add_argument("--grids", type=int, default=0, help="write result grids for this many queries")
     parser.add_argument("--worst", type=int, default=5, help="worst classes listed per strategy")
+    parser.add_argument("--metric", help="what calibration maximises: mAP@k, P@k or R@k (default: mAP at the largest k)")
+    parser.add_argument("--min-gain", type=float, default=0.005,
+                        help="least gain over global for another strategy to be recommended (default: 0.005)")
+    parser.add_argument("--recommend", help="write the best strategy for --metric to this file (for "
+                                            "jobs.build_index --strategy, jobs.search --strategy, the service)")
     args = parser.parse_args(argv)
     try:
         return EvalConfig(output=args.output, data=args.data, dataset=args.dataset, per_class=args.per_class,
                           queries_per_class=args.queries_per_class, seed=args.seed, classifier=args.classifier,
                           embedder=args.embedder, finetuned=args.finetuned, detector=args.detector,
                           crop_min_score=args.crop_min_score, top_n=args.top_n, ks=tuple(sorted(set(args.k))),
-                          batch_size=args.batch_size, grids=args.grids, worst=args.worst)
+                          batch_size=args.batch_size, grids=args.grids, worst=args.worst, metric=args.metric,
+                          recommend=args.recommend, min_gain=args.min_gain)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -154,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in results["rows"][:1]:
         worst = ", ".join(f"{w['class']} {w[f'mAP@{max(config.ks)}']:.3f}" for w in row["worst_classes"])
         print(f"worst classes ({row['embedder']}, {row['strategy']}): {worst}")
+    if "recommended" in results:
+        chosen = results["recommended"]
+        print(f"recommended strategy ({chosen['embedder']} embedder, {chosen['metric']}): "
+              f"{chosen['recommended']['name']} {chosen['recommended_value']:.4f} on all queries, "
+              f"{chosen['held_out_value']:.4f} held out (global {chosen['global_value']:.4f}) -> {config.recommend}")
     if results["grids"]:
         print(f"grids: {Path(results['grids'][0]).parent}/ ({len(results['grids'])} images)")
     print(f"results: {Path(config.output).resolve()}/results.{{md,json}}")

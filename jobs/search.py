@@ -1,10 +1,11 @@
 """Query an index from the command line (no Ray Serve needed).
 
-    python -m jobs.search --index INDEX --image FILE [FILE ...] [-k 5] [--mode class|global] [--json]
+    python -m jobs.search --index INDEX --image FILE [FILE ...] [-k 5] [--strategy NAME|FILE] [--json]
                           [--detector torchvision:NAME --crop]
 
 Loads the models the index manifest names, then decodes, classifies, embeds and searches each
-image exactly as the online service does. A file that cannot be read or decoded gets a one-line
+image exactly as the online service does, with the index's strategy (``jobs.build_index
+--strategy``; global when it has none) or ``--strategy``. A file that cannot be read or decoded gets a one-line
 error; the others are answered and the exit status is 1 at the end.
 """
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from pipeline.images import ImageDecodeError
 from pipeline.models import CropPolicy, load_detector, select_runtime
-from pipeline.search import SEARCH_MODES, QueryEngine
+from pipeline.search import QueryEngine
+from pipeline.strategy import Strategy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", required=True, help="index folder (from jobs.build_index)")
     parser.add_argument("--image", required=True, nargs="+", type=Path, help="query images")
     parser.add_argument("-k", type=int, default=5, help="results per query (default: 5)")
-    parser.add_argument("--mode", default="class", choices=SEARCH_MODES,
-                        help="class: among the predicted class's images (default); global: all images")
-    parser.add_argument("--top-n", type=int, default=1, help="predicted classes searched in class mode")
+    parser.add_argument("--strategy",
+                        help="global, class[@N] (among the top N predicted classes' images), gated[@N]:TAU, "
+                             "rerank:BETA, or a file from jobs.evaluate --recommend (default: the index's, "
+                             "else global)")
+    parser.add_argument("--no-fill", dest="fill", action="store_false", default=None,
+                        help="class searches: do not fill up from the global search when the classes give fewer "
+                             "than k")
     parser.add_argument("--min-score", type=float, help="drop results below this similarity")
-    parser.add_argument("--fallback-global", action="store_true",
-                        help="class mode: fill up from a global search when the classes hold fewer than k")
     parser.add_argument("--detector", help="torchvision detector spec, for --crop")
     parser.add_argument("--crop", action="store_true",
                         help="search the largest detected box near the centre instead of the whole image")
@@ -39,23 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="one JSON object per query image")
     args = parser.parse_args(argv)
-    if args.k < 1 or args.top_n < 1:
-        parser.error("-k and --top-n must be >= 1")
+    if args.k < 1:
+        parser.error("-k must be >= 1")
     if args.crop and not args.detector:
         parser.error("--crop needs --detector")
     try:
         runtime = select_runtime(args.device)
         detector = load_detector(args.detector, runtime, policy=CropPolicy(min_score=args.crop_min_score)) \
             if args.detector else None
-        engine = QueryEngine.load(args.index, runtime=runtime, top_n=args.top_n, detector=detector)
+        engine = QueryEngine.load(args.index, runtime=runtime, detector=detector)
+        strategy = Strategy.load(args.strategy, default=engine.strategy).with_fill(args.fill)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failures = 0
     for path in args.image:
         try:
-            result = engine.search([path.read_bytes()], k=args.k, mode=args.mode, min_score=args.min_score,
-                                   fallback_global=args.fallback_global, crop=args.crop)[0]
+            result = engine.search([path.read_bytes()], k=args.k, strategy=strategy, min_score=args.min_score,
+                                   crop=args.crop)[0]
         except OSError as exc:
             failures += 1
             print(f"error: {path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
@@ -65,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: {exc}", file=sys.stderr)
             continue
         if args.json:
-            print(json.dumps({"image": str(path), "mode": args.mode, **result.to_json()}, ensure_ascii=False))
+            print(json.dumps({"image": str(path), **result.to_json()}, ensure_ascii=False))
             continue
         top = result.classes[0]
         cropped = f", crop {result.crop_box}" if args.crop else ""
-        print(f"{path}  (predicted: {top['name']} {top['probability']:.1%}{cropped})")
+        print(f"{path}  (predicted: {top['name']} {top['probability']:.1%}{cropped}; strategy {result.strategy})")
         for rank, hit in enumerate(result.hits, 1):
             print(f"  {rank}. {hit.score:.4f}  {hit.uri}  [{hit.label or '-'}]")
+        if result.note:
+            print(f"  note: {result.note}")
         if not result.hits:
             print("  (no results)")
     return 1 if failures else 0

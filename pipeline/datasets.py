@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,84 @@ def write_demo_images(root: Path, mnist_limit: int | None = None) -> dict[str, i
         if not target.exists():
             target.write_bytes(photo.read_bytes())
     return {"mnist": len(images), "photos": len(photos)}
+
+
+#: The real photographs that ship in packages (package, folder inside it, file): 22 scenes for the
+#: photo-copies set.
+SHIPPED_PHOTOS = (
+    *[("skimage", "data", f) for f in ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png",
+                                        "coffee.png", "coins.png", "grass.png", "gravel.png", "horse.png",
+                                        "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png", "moon.png",
+                                        "motorcycle_left.png", "page.png", "retina.jpg", "rocket.jpg", "text.png")],
+    ("sklearn", "datasets/images", "china.jpg"), ("sklearn", "datasets/images", "flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg"),
+)
+
+
+def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A heavy, seeded augmentation of a photo: a random crop of 35-100 % of its area, a flip, a
+    rotation up to 25 degrees, colour jitter (+-40 %), sometimes grayscale or blur, JPEG quality 30-90."""
+    from PIL import ImageEnhance, ImageFilter
+
+    image = image.convert("RGB")
+    w, h = image.size
+    area = rng.uniform(0.35, 1.0)
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw, ch = min(w, int(round(w * np.sqrt(area * aspect)))), min(h, int(round(h * np.sqrt(area / aspect))))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = image.crop((x0, y0, x0 + cw, y0 + ch))
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    image = image.rotate(float(rng.uniform(-25, 25)), resample=Image.Resampling.BILINEAR, expand=False)
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhancer(image).enhance(float(rng.uniform(0.6, 1.4)))
+    if rng.random() < 0.2:
+        image = image.convert("L").convert("RGB")
+    if rng.random() < 0.3:
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=int(rng.integers(30, 91)))
+    out.seek(0)
+    return Image.open(out).convert("RGB")
+
+
+def write_photo_copies(root: Path, copies: int = 8, seed: int = 0) -> dict[str, int]:
+    """A labelled set from the shipped photos: one class folder per photo with the original and
+    ``copies`` heavy augmentations of it (finding the copies of an image is near-duplicate search).
+    Photos whose package is not installed are skipped; files already there are kept.
+
+    Returns:
+        ``{"classes": ..., "images": ...}``.
+
+    Raises:
+        FileNotFoundError: fewer than two photos found (install the demo extra).
+    """
+    found = []
+    for package, folder, name in SHIPPED_PHOTOS:
+        base = _package_dir(package)
+        if base is not None and (base / folder / name).is_file():
+            found.append(base / folder / name)
+    if len(found) < 2:
+        raise FileNotFoundError("the shipped photos were not found; install the demo extra: pip install -e '.[demo]'")
+    images = 0
+    for photo in found:
+        folder = Path(root) / photo.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        original = Image.open(photo)
+        original.load()
+        if original.mode not in ("RGB", "L"):
+            original = original.convert("RGB")
+        target = folder / "original.png"
+        if not target.exists():
+            original.convert("RGB").save(target)
+        rng = np.random.default_rng([seed, zlib.crc32(photo.name.encode())])
+        for i in range(copies):
+            copy = augment(original, rng)
+            target = folder / f"copy_{i}.jpg"
+            if not target.exists():
+                copy.save(target, quality=95)
+        images += 1 + copies
+    return {"classes": len(found), "images": images}
 
 
 #: Where Debian's dataset-fashion-mnist package puts the idx files.

@@ -18,7 +18,9 @@ from pipeline.grids import draw_grid, result_tiles
 from pipeline.images import decode_image
 from pipeline.metrics import map_at_k, precision_at_k, recall_at_k
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, CropPolicy, crop_image
+from pipeline.search import Encoded, class_answers
 from pipeline.sources import read_uri
+from pipeline.strategy import Strategy
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class EvalConfig:
     batch_size: int = 32
     grids: int = 0
     worst: int = 5
+    metric: str | None = None       # what calibration maximises (default: mAP at the largest k)
+    recommend: str | None = None    # write the recommended strategy to this file
+    min_gain: float = 0.005         # least gain over global (in the metric) for another strategy to be recommended
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.dataset is None):
@@ -53,6 +58,16 @@ class EvalConfig:
             raise ValueError("--per-class must exceed --queries-per-class (the rest is the gallery)")
         if self.grids < 0 or self.worst < 0:
             raise ValueError("--grids and --worst must be >= 0")
+        if self.top_n > 5:
+            raise ValueError(f"--top-n must be 1 to 5 (the classes a query keeps), got {self.top_n}")
+        name, _, k = self.target_metric.partition("@")
+        if name not in ("mAP", "P", "R") or not k.isdigit() or int(k) not in self.ks:
+            raise ValueError(f"--metric must be mAP@k, P@k or R@k with k one of {self.ks}, got {self.metric!r}")
+
+    @property
+    def target_metric(self) -> str:
+        """What calibration maximises: ``metric``, or mAP at the largest k."""
+        return self.metric or f"mAP@{max(self.ks)}"
         CropPolicy(min_score=self.crop_min_score)
 
 
@@ -119,34 +134,130 @@ def worst_classes(retrieved: np.ndarray, query_labels: np.ndarray, n_relevant: n
     return sorted(rows, key=lambda r: r[f"mAP@{k}"])[:count]
 
 
+#: rerank's weights of the query's class probability swept by the calibration.
+RERANK_BETAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def strategy_grid(top1: np.ndarray, top_n: int) -> list[Strategy]:
+    """The strategies a calibration sweeps, simplest first: global, class@1, class@N, gated@1 and
+    gated@N at thresholds between the 5 % and 95 % quantiles of the queries' top-1 probabilities,
+    and rerank at :data:`RERANK_BETAS`."""
+    taus = sorted({round(float(t), 4) for t in np.quantile(top1, np.linspace(0.05, 0.95, 19))} - {0.0})
+    grid = [Strategy(), Strategy("class", 1)] + ([Strategy("class", top_n)] if top_n > 1 else [])
+    for n in dict.fromkeys((1, top_n)):
+        grid += [Strategy("gated", n, tau=t) for t in taus]
+    return grid + [Strategy("rerank", beta=b) for b in RERANK_BETAS]
+
+
+def calibration_folds(query_labels: np.ndarray, seed: int) -> np.ndarray:
+    """Fold 0 or 1 per query: each class's queries, shuffled (seeded), alternate between the folds."""
+    rng = np.random.default_rng(seed + 1)
+    folds = np.zeros(len(query_labels), dtype=int)
+    for label in sorted(set(query_labels)):
+        members = rng.permutation(np.flatnonzero(query_labels == label))
+        folds[members[1::2]] = 1
+    return folds
+
+
+def best_strategy(scores: list[float]) -> int:
+    """The index of the best score; the earliest (simplest) among equals."""
+    return int(np.argmax(np.round(scores, 10)))
+
+
+def recommend(scores: list[float], min_gain: float) -> int:
+    """The best strategy when it beats global (``scores[0]``) by at least ``min_gain``, else global:
+    a gain smaller than the noise of the measurement is not worth a less obvious default."""
+    best = best_strategy(scores)
+    return best if scores[best] - scores[0] >= min_gain else 0
+
+
+def retrieved_labels(results: list, k: int) -> np.ndarray:
+    retrieved = np.full((len(results), k), None, dtype=object)
+    for q, result in enumerate(results):
+        for j, hit in enumerate(result.hits[:k]):
+            retrieved[q, j] = hit.label
+    return retrieved
+
+
 def evaluate_engine(engine, images: list[bytes], query_labels: np.ndarray, n_relevant: np.ndarray,
-                    config: EvalConfig, crop: bool) -> list[dict]:
-    """Every search mode for one engine (one embedder) and one crop setting."""
+                    config: EvalConfig, crop: bool) -> tuple[list[dict], dict]:
+    """Every strategy of the sweep for one engine (one embedder) and one crop setting.
+
+    Returns:
+        The table's rows — global, class@1, class@N, the best gated and rerank settings (chosen on
+        all queries) and ``calibrated``: per half of the queries, the setting recommended on the
+        other half (a held-out estimate of what calibration gives) — and the calibration: the sweep,
+        the best setting per metric, and the setting recommended for ``config.metric``: the best
+        one if it beats global by ``config.min_gain``, else global.
+    """
     k_max = max(config.ks)
     start = time.perf_counter()
-    encoded = [engine.encode(images[i: i + config.batch_size], crop=crop)
+    batches = [engine.encode(images[i: i + config.batch_size], crop=crop)
                for i in range(0, len(images), config.batch_size)]
+    encoded = Encoded(*(np.concatenate([getattr(b, f) for b in batches]) for f in ("classes", "probs", "vectors")),
+                      [box for b in batches for box in b.boxes])
     encode_s = time.perf_counter() - start
-    boxes = sum(box is not None for e in encoded for box in e.boxes)
-    strategies = [("global", "global", 1), ("class@1", "class", 1)]
-    if config.top_n > 1:
-        strategies.append((f"class@{config.top_n}", "class", config.top_n))
-    rows = []
-    for name, mode, top_n in strategies:
+    boxes = sum(box is not None for box in encoded.boxes)
+    classes = class_answers(engine.models.classifier.labels, encoded.classes, encoded.probs)
+    grid = strategy_grid(np.array([row[0]["probability"] for row in classes]), config.top_n)
+    runs = []
+    for strategy in grid:
         start = time.perf_counter()
-        results = [r for e in encoded for r in engine.answer(e, k_max, mode, top_n=top_n)]
-        search_s = time.perf_counter() - start
-        retrieved = np.full((len(results), k_max), None, dtype=object)
-        for q, result in enumerate(results):
-            for j, hit in enumerate(result.hits[:k_max]):
-                retrieved[q, j] = hit.label
-        rows.append({"strategy": name, "crop": "on" if crop else "off",
-                     **metrics_row(retrieved, query_labels, n_relevant, config.ks),
-                     "queries_per_s": round(len(images) / (encode_s + search_s), 2),
-                     "cropped_queries": int(boxes),
-                     "worst_classes": worst_classes(retrieved, query_labels, n_relevant, k_max, config.worst),
-                     "_results": results})
-    return rows
+        results = engine.answer(encoded, k_max, strategy)
+        seconds = time.perf_counter() - start
+        retrieved = retrieved_labels(results, k_max)
+        runs.append({"strategy": strategy, "results": results, "retrieved": retrieved, "search_s": seconds,
+                     "metrics": metrics_row(retrieved, query_labels, n_relevant, config.ks),
+                     "class_searches": sum(strategy.wants_class(row) for row in classes)})
+    metric = config.target_metric
+    scores = [run["metrics"][metric] for run in runs]
+    folds = calibration_folds(query_labels, config.seed)
+    held_out = np.full((len(images), k_max), None, dtype=object)
+    chosen = []
+    for fold in (0, 1):
+        train, test = folds != fold, folds == fold
+        pick = recommend([map_or_metric(run["retrieved"][train], query_labels[train], n_relevant[train], metric)
+                          for run in runs], config.min_gain)
+        chosen.append(str(grid[pick]))
+        held_out[test] = runs[pick]["retrieved"][test]
+
+    def row(name: str, run: dict, retrieved: np.ndarray | None = None) -> dict:
+        retrieved = run["retrieved"] if retrieved is None else retrieved
+        return {"strategy": name, "crop": "on" if crop else "off",
+                **(run["metrics"] if retrieved is run["retrieved"]
+                   else metrics_row(retrieved, query_labels, n_relevant, config.ks)),
+                "queries_per_s": round(len(images) / (encode_s + run["search_s"]), 2),
+                "class_searches": run["class_searches"], "cropped_queries": int(boxes),
+                "worst_classes": worst_classes(retrieved, query_labels, n_relevant, k_max, config.worst),
+                "_results": run["results"]}
+
+    rows = [row(str(run["strategy"]), run) for run in runs if run["strategy"].kind in ("global", "class")]
+    for kind in ("gated", "rerank"):
+        candidates = [i for i, run in enumerate(runs) if run["strategy"].kind == kind]
+        best = candidates[best_strategy([scores[i] for i in candidates])]
+        rows.append(row(str(runs[best]["strategy"]), runs[best]))
+    recommended = grid[recommend(scores, config.min_gain)]
+    rows.append(row("calibrated", runs[grid.index(recommended)], held_out) | {"chosen": chosen})
+    calibration = {
+        "metric": metric, "recommended": recommended.to_json(), "recommended_value": scores[grid.index(recommended)],
+        "held_out_value": rows[-1][metric], "global_value": scores[0], "held_out_chosen": chosen,
+        "best_per_metric": {m: {"strategy": str(grid[i]), "value": runs[i]["metrics"][m]}
+                            for m in runs[0]["metrics"] if m.startswith("mAP")
+                            for i in [best_strategy([run["metrics"][m] for run in runs])]},
+        "sweep": [{"strategy": str(run["strategy"]), "class_searches": run["class_searches"], **run["metrics"]}
+                  for run in runs]}
+    return rows, calibration
+
+
+def map_or_metric(retrieved: np.ndarray, query_labels: np.ndarray, n_relevant: np.ndarray, metric: str) -> float:
+    """One metric (``mAP@k``, ``P@k`` or ``R@k``) of retrieved labels, unrounded."""
+    name, k = metric.split("@")
+    k = int(k)
+    if name == "mAP":
+        return map_at_k(retrieved, query_labels, n_relevant, k)
+    if name == "P":
+        return precision_at_k(retrieved, query_labels, k)
+    return recall_at_k(retrieved, query_labels, n_relevant, k)
 
 
 def write_grids(out: Path, row: dict, query_paths: list[str], query_labels: np.ndarray, count: int,
@@ -176,4 +287,20 @@ def markdown_table(rows: list[dict], ks: tuple[int, ...], title: str) -> str:
         values = [r["embedder"], r["crop"], r["strategy"], *[f"{r[f'mAP@{k}']:.4f}" for k in ks],
                   f"{r[f'P@{k_max}']:.4f}", f"{r[f'R@{k_max}']:.4f}", f"{r['queries_per_s']:.1f}"]
         lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration_table(calibrations: list[dict]) -> str:
+    """The best setting per metric, and the recommended one, of each calibration."""
+    lines = ["## Calibration: the best setting per metric (all queries)", "",
+             "| embedder | crop | metric | best strategy | value | global |", "|---|---|---|---|---|---|"]
+    for c in calibrations:
+        globals_ = next(row for row in c["sweep"] if row["strategy"] == "global")
+        for metric, best in c["best_per_metric"].items():
+            lines.append(f"| {c['embedder']} | {c['crop']} | {metric} | {best['strategy']} | {best['value']:.4f} | "
+                         f"{globals_[metric]:.4f} |")
+    lines += [""] + [f"- {c['embedder']}, crop {c['crop']}: recommended for {c['metric']}: "
+                     f"**{c['recommended']['name']}** ({c['recommended_value']:.4f}); held out (each half with "
+                     f"the other half's best: {' / '.join(c['held_out_chosen'])}): {c['held_out_value']:.4f}"
+                     for c in calibrations]
     return "\n".join(lines) + "\n"

@@ -150,6 +150,8 @@ class IndexManifest:
         shards: per shard its ``path``, ``rows``, ``index_type``, ``classes`` (count) and ``files``
             (name -> ``sha256``, ``bytes``).
         max_pixels: the decode limit the gallery was embedded with; queries use the same.
+        strategy: the search strategy queries use by default (``pipeline.strategy.Strategy.to_json``,
+            from ``jobs.build_index --strategy``); None: global.
     """
 
     models: ModelSet
@@ -162,8 +164,14 @@ class IndexManifest:
     shards: list[dict]
     max_pixels: int = DEFAULT_MAX_PIXELS
     metric: str = "inner_product"
+    strategy: dict | None = None
     created: str = field(default_factory=now)
     schema_version: int = INDEX_SCHEMA_VERSION
+
+    def class_size(self, cls: int) -> int:
+        """Gallery images of a class (0 for a class with none)."""
+        where = self.classes.get(str(int(cls)))
+        return 0 if where is None else where[2] - where[1]
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -191,4 +199,4 @@ class IndexManifest:
                    config=dict(raw["config"]), sources=list(raw["sources"]), rows=int(raw["rows"]),
                    classes=dict(raw["classes"]), shards=list(raw["shards"]),
                    max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)), metric=raw.get("metric", "inner_product"),
-                   created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)
+                   strategy=raw.get("strategy"), created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)

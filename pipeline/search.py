@@ -5,7 +5,8 @@ Ingress in ``serve/app.py``, and through the engine ``jobs.search`` and ``jobs.e
     QueryPreprocess.model_inputs   (optional crop box) -> the classifier's and the embedder's inputs
     classify and embed             ImageModels.classify_and_embed (or the service's model replicas)
     class_answers                  top classes -> [{"index", "synset", "name", "probability"}]
-    search                         ShardedIndex.search_class / search_global (or the retrievers)
+    search                         Strategy.wants_class -> ShardedIndex.search_class (or the retrievers)
+                                   -> Strategy.needs_global -> search_global -> Strategy.finish
     merge_hits                     hits of several retrievers -> the best k
 """
 
@@ -21,8 +22,8 @@ from pipeline.index import Hit, ShardedIndex
 from pipeline.labels import LabelSpace
 from pipeline.manifests import IndexManifest
 from pipeline.models import Detector, ImageModels, Runtime, crop_image, load_image_models, select_runtime
+from pipeline.strategy import Strategy
 
-SEARCH_MODES = ("class", "global")
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,10 @@ def merge_hits(hit_lists: Iterable[list[dict]], k: int) -> list[dict]:
     return merged[:k]
 
 
-def check_request(k: int, mode: str, top_n: int = 1) -> None:
-    """Raises ValueError for a bad ``k``, ``mode`` or ``top_n``."""
-    if mode not in SEARCH_MODES:
-        raise ValueError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
-    if k < 1 or top_n < 1:
-        raise ValueError(f"k and top_n must be >= 1, got {k} and {top_n}")
+def check_k(k: int) -> None:
+    """Raises ValueError for a bad ``k``."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
 
 
 @dataclass(frozen=True)
@@ -83,18 +82,20 @@ class QueryResult:
     classes: list[dict]          # [{"index", "synset", "name", "probability"}], best first
     hits: list[Hit]
     crop_box: tuple[int, int, int, int] | None = None   # (x0, y0, x1, y1) searched, None: whole image
+    strategy: str = "global"
+    note: str | None = None      # why there are fewer than k results, or where some came from
 
     def to_json(self) -> dict:
-        return {"crop_box": list(self.crop_box) if self.crop_box else None, "classes": self.classes,
-                "results": [h.to_json() for h in self.hits]}
+        return {"strategy": self.strategy, "crop_box": list(self.crop_box) if self.crop_box else None,
+                "classes": self.classes, "results": [h.to_json() for h in self.hits], "note": self.note}
 
 
 @dataclass(frozen=True)
 class Encoded:
     """Query images after the models: top classes, embeddings and crop boxes (row per image)."""
 
-    classes: np.ndarray          # (N, >= top_n) class indices, best first
-    probs: np.ndarray            # (N, >= top_n)
+    classes: np.ndarray          # (N, 5) class indices, best first
+    probs: np.ndarray            # (N, 5)
     vectors: np.ndarray          # (N, dim), unit norm
     boxes: list                  # crop box or None per image
 
@@ -106,28 +107,28 @@ class QueryEngine:
     Args:
         index: a loaded index.
         models: the classifier and embedder the index was built with.
-        top_n: predicted classes searched in ``class`` mode.
+        strategy: the default search strategy (default: the index manifest's, else global).
         detector: crops queries to "the largest box near the centre" when searching with ``crop=True``.
     """
 
-    def __init__(self, index: ShardedIndex, models: ImageModels, top_n: int = 1,
+    def __init__(self, index: ShardedIndex, models: ImageModels, strategy: Strategy | None = None,
                  detector: Detector | None = None) -> None:
         index.manifest.models.require({"classifier": str(models.classifier.spec),
                                        "embedder": str(models.embedder.spec)}, f"the index {index.root}")
         self.index = index
         self.models = models
-        self.top_n = top_n
+        self.strategy = strategy or Strategy.load(index.manifest.strategy)
         self.detector = detector
         self.queries = QueryPreprocess.of(index.manifest)
 
     @classmethod
-    def load(cls, index_dir: str, *, runtime: Runtime | None = None, top_n: int = 1, verify: bool = True,
-             detector: Detector | None = None) -> "QueryEngine":
+    def load(cls, index_dir: str, *, runtime: Runtime | None = None, strategy: Strategy | None = None,
+             verify: bool = True, detector: Detector | None = None) -> "QueryEngine":
         """Loads the index and the models its manifest names (the detector is not the index's business)."""
         index = ShardedIndex.load(index_dir, verify=verify)
         specs = index.manifest.models.specs()
         models = load_image_models(specs["classifier"], specs["embedder"], runtime or select_runtime())
-        return cls(index, models, top_n=top_n, detector=detector)
+        return cls(index, models, strategy=strategy, detector=detector)
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decodes a query image as the gallery was decoded (raises ImageDecodeError)."""
@@ -168,34 +169,47 @@ class QueryEngine:
         boxes = boxes or [None] * len(images)
         prepared = [self.prepare(d, crop, box) for d, box in zip(images, boxes)]
         indices, probs, vectors = self.models.classify_and_embed(
-            np.stack([p[0] for p in prepared]), np.stack([p[1] for p in prepared]), top_n=max(self.top_n, 5))
+            np.stack([p[0] for p in prepared]), np.stack([p[1] for p in prepared]), top_n=5)
         return Encoded(indices, probs, vectors, [p[2] for p in prepared])
 
-    def answer(self, encoded: Encoded, k: int = 5, mode: str = "class", *, min_score: float | None = None,
-               fallback_global: bool = False, top_n: int | None = None) -> list[QueryResult]:
-        """Searches the index for encoded queries (``top_n``: classes searched, default the engine's).
+    def answer(self, encoded: Encoded, k: int = 5, strategy: Strategy | str | None = None, *,
+               min_score: float | None = None) -> list[QueryResult]:
+        """Searches the index for encoded queries with ``strategy`` (a :class:`Strategy` or its name;
+        default: the engine's).
 
         Raises:
-            ValueError: bad ``mode``, ``k`` or ``top_n``.
+            ValueError: a bad ``k`` or strategy name.
         """
-        top_n = top_n or self.top_n
-        check_request(k, mode, top_n)
-        if mode == "class":
-            hits = self.index.search_class(encoded.vectors, encoded.classes[:, :top_n], k, min_score=min_score,
-                                           fallback_global=fallback_global)
-        else:
-            hits = self.index.search_global(encoded.vectors, k, min_score=min_score)
+        check_k(k)
+        strategy = Strategy.load(strategy, default=self.strategy)
         classes = class_answers(self.models.classifier.labels, encoded.classes, encoded.probs)
-        return [QueryResult(row_classes, row_hits, box)
-                for row_classes, row_hits, box in zip(classes, hits, encoded.boxes)]
+        class_hits: list[list[Hit] | None] = [None] * len(classes)
+        rows = [q for q, row in enumerate(classes) if strategy.wants_class(row)]
+        if rows:
+            found = self.index.search_class(encoded.vectors[rows], [strategy.searched_classes(classes[q]) for q in rows],
+                                            k, min_score=min_score)
+            for q, hits in zip(rows, found):
+                class_hits[q] = hits
+        global_hits: list[list[Hit] | None] = [None] * len(classes)
+        rows = [q for q in range(len(classes)) if strategy.needs_global(class_hits[q], k)]
+        if rows:
+            found = self.index.search_global(encoded.vectors[rows], strategy.global_k(k), min_score=min_score)
+            for q, hits in zip(rows, found):
+                global_hits[q] = hits
+        results = []
+        for q, row in enumerate(classes):
+            hits, note = strategy.finish(k, row, class_hits[q], global_hits[q], self.index.manifest.class_size)
+            results.append(QueryResult(row, hits, encoded.boxes[q], str(strategy), note))
+        return results
 
-    def search(self, images: list[bytes], k: int = 5, mode: str = "class", *, min_score: float | None = None,
-               fallback_global: bool = False, crop: bool = False) -> list[QueryResult]:
+    def search(self, images: list[bytes], k: int = 5, strategy: Strategy | str | None = None, *,
+               min_score: float | None = None, crop: bool = False) -> list[QueryResult]:
         """Answers a batch of encoded query images (``crop``: search the detector's crop of each).
 
         Raises:
             ImageDecodeError: an image cannot be decoded.
-            ValueError: bad ``mode`` or ``k``, or ``crop`` without a detector.
+            ValueError: a bad ``k`` or strategy, or ``crop`` without a detector.
         """
-        check_request(k, mode)  # before the models run
-        return self.answer(self.encode(images, crop), k, mode, min_score=min_score, fallback_global=fallback_global)
+        check_k(k)  # before the models run
+        strategy = Strategy.load(strategy, default=self.strategy)
+        return self.answer(self.encode(images, crop), k, strategy, min_score=min_score)

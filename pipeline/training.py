@@ -1,4 +1,6 @@
-"""Metric learning (Approach 1): a timm backbone whose head is an embedding, trained with triplet loss.
+"""Metric learning (Approach 1): a timm backbone whose head is an embedding, trained on class-balanced
+batches with triplet loss (the research's) or the multi-similarity loss (Wang et al., CVPR 2019),
+or supervised contrastive loss (Khosla et al., NeurIPS 2020).
 
 The trained model is saved as one ``.safetensors`` file with metadata that :func:`pipeline.models.
 load_embedder` recognises, so ``timm:<backbone>@<file>`` is an embedder spec like any other.
@@ -31,10 +33,11 @@ from pipeline.models import (
 from pipeline.sources import read_uri
 
 MINING = ("batch-hard", "semi-hard")
+LOSSES = ("triplet", "multi-similarity", "supcon")
 
 
 @dataclass(frozen=True)
-class TripletConfig:
+class TrainConfig:
     """What to train and how.
 
     Attributes:
@@ -42,8 +45,10 @@ class TripletConfig:
             ImageNet weights; ``@random`` starts from scratch).
         dim: embedding size (the new head's outputs).
         input_size: training and embedding resolution in pixels (square); None keeps the model's.
+        loss: ``multi-similarity``, ``triplet`` or ``supcon``.
         margin: triplet margin on the distance between unit vectors.
-        mining: ``batch-hard`` (hardest positive and negative per anchor) or ``semi-hard``.
+        mining: triplet mining: ``batch-hard`` (hardest positive and negative per anchor) or ``semi-hard``.
+        temperature: supcon's softmax temperature.
         classes_per_batch: P of a P x K class-balanced batch.
         per_class: K of a P x K batch.
         steps: optimiser steps in total.
@@ -55,8 +60,10 @@ class TripletConfig:
     backbone: str = "timm:tf_efficientnet_lite0"
     dim: int = 128
     input_size: int | None = None
+    loss: str = "multi-similarity"
     margin: float = 0.2
     mining: str = "batch-hard"
+    temperature: float = 0.1
     classes_per_batch: int = 8
     per_class: int = 4
     steps: int = 300
@@ -67,12 +74,14 @@ class TripletConfig:
     def __post_init__(self) -> None:
         if as_spec(self.backbone).library != "timm":
             raise ValueError(f"the backbone must be a timm model spec, got {self.backbone!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.mining not in MINING:
             raise ValueError(f"mining must be one of {MINING}, got {self.mining!r}")
         if self.classes_per_batch < 2 or self.per_class < 2:
-            raise ValueError("a triplet batch needs classes_per_batch >= 2 and per_class >= 2")
-        if self.dim < 1 or self.steps < 1 or self.margin <= 0 or self.lr <= 0:
-            raise ValueError("dim and steps must be >= 1, margin and lr > 0")
+            raise ValueError("a class-balanced batch needs classes_per_batch >= 2 and per_class >= 2")
+        if self.dim < 1 or self.steps < 1 or self.margin <= 0 or self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("dim and steps must be >= 1, margin, lr and temperature > 0")
         if self.input_size is not None and self.input_size < 32:
             raise ValueError(f"input_size must be >= 32 pixels, got {self.input_size}")
 
@@ -81,7 +90,7 @@ class TripletConfig:
         return self.classes_per_batch * self.per_class
 
 
-def create_embedding_model(config: TripletConfig) -> tuple[torch.nn.Module, Preprocess]:
+def create_embedding_model(config: TrainConfig) -> tuple[torch.nn.Module, Preprocess]:
     """The backbone (with its weights) and a fresh, seeded ``dim``-wide head; and its input preprocess.
 
     Raises:
@@ -140,6 +149,74 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float,
     return losses.mean(), stats
 
 
+def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, beta: float = 50.0,
+                          base: float = 0.5, epsilon: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Multi-similarity loss with its pair mining, over L2-normalised embeddings.
+
+    Per anchor, a negative is kept when it is more similar than the least similar positive minus
+    ``epsilon``, a positive when it is less similar than the most similar negative plus
+    ``epsilon``; the loss weighs the kept pairs by their own and their relative similarities:
+    ``log(1 + sum exp(-alpha (s_p - base))) / alpha + log(1 + sum exp(beta (s_n - base))) / beta``.
+
+    Returns:
+        The mean loss over anchors with a kept pair, and statistics: the fraction of anchors with
+        a kept pair, the mean positive and negative similarity.
+    """
+    sims = embeddings @ embeddings.T
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive, negative = same & ~eye, ~same
+    if not (positive.any(1) & negative.any(1)).any():
+        raise ValueError("no anchor has both a positive and a negative in this batch; use class-balanced batches")
+    with torch.no_grad():
+        least_positive = sims.masked_fill(~positive, float("inf")).min(1, keepdim=True).values
+        most_negative = sims.masked_fill(~negative, float("-inf")).max(1, keepdim=True).values
+    kept_negative = negative & (sims + epsilon > least_positive)
+    kept_positive = positive & (sims - epsilon < most_negative)
+    pos_term = torch.log1p((torch.exp(-alpha * (sims - base)) * kept_positive).sum(1)) / alpha
+    neg_term = torch.log1p((torch.exp(beta * (sims - base)) * kept_negative).sum(1)) / beta
+    active = kept_positive.any(1) | kept_negative.any(1)
+    loss = (pos_term + neg_term)[active].mean() if active.any() else sims.sum() * 0
+    with torch.no_grad():
+        stats = {"active": float(active.float().mean()), "positive_similarity": float(sims[positive].mean()),
+                 "negative_similarity": float(sims[negative].mean())}
+    return loss, stats
+
+
+def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor,
+                temperature: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Supervised contrastive loss over L2-normalised embeddings: per anchor, the mean over its
+    positives of ``-log softmax`` of the similarity (divided by ``temperature``) among all other rows.
+
+    Returns:
+        The mean loss over anchors with a positive, and statistics as :func:`multi_similarity_loss`.
+    """
+    sims = embeddings @ embeddings.T
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive = same & ~eye
+    has_positive = positive.any(1)
+    if not has_positive.any() or same.all():
+        raise ValueError("no anchor has both a positive and a negative in this batch; use class-balanced batches")
+    logits = (sims / temperature).masked_fill(eye, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    per_anchor = -(log_prob.masked_fill(~positive, 0).sum(1) / positive.sum(1).clamp_min(1))
+    with torch.no_grad():
+        stats = {"active": float(has_positive.float().mean()), "positive_similarity": float(sims[positive].mean()),
+                 "negative_similarity": float(sims[~same].mean())}
+    return per_anchor[has_positive].mean(), stats
+
+
+def metric_loss(config: "TrainConfig", embeddings: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured loss of a batch, and its statistics."""
+    if config.loss == "triplet":
+        return triplet_loss(embeddings, labels, config.margin, config.mining)
+    if config.loss == "supcon":
+        return supcon_loss(embeddings, labels, config.temperature)
+    return multi_similarity_loss(embeddings, labels)
+
+
 def class_balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class: int, seed: int,
                            start: int = 0) -> Iterator[np.ndarray]:
     """Endless P x K batches of indices: ``classes_per_batch`` classes, ``per_class`` images of each.
@@ -153,7 +230,7 @@ def class_balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class
     labels = np.asarray(labels)
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise ValueError(f"triplet training needs at least two classes, found {len(classes)}")
+        raise ValueError(f"metric learning needs at least two classes, found {len(classes)}")
     members = {c: np.flatnonzero(labels == c) for c in classes}
     step = start
     while True:
@@ -169,7 +246,7 @@ def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(model(x).float(), dim=-1)
 
 
-def save_embedder(model: torch.nn.Module, path: Path, config: TripletConfig, preprocess: Preprocess,
+def save_embedder(model: torch.nn.Module, path: Path, config: TrainConfig, preprocess: Preprocess,
                   extra: dict | None = None) -> str:
     """Writes the trained model as a safetensors file that ``load_embedder`` reads; returns its spec."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
@@ -184,7 +261,7 @@ def save_embedder(model: torch.nn.Module, path: Path, config: TripletConfig, pre
     return str(ModelSpec("timm", spec.name, weights=str(path.resolve())))
 
 
-def make_optimizer(model: torch.nn.Module, config: TripletConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; the new head learns 10x faster than the pretrained backbone."""
     head = {id(p) for p in getattr(model, "module", model).get_classifier().parameters()}
     params = list(model.parameters())
@@ -212,7 +289,7 @@ def load_batch(paths: list[str], indices: np.ndarray, preprocess: Preprocess) ->
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: TripletConfig, history: list[dict]) -> None:
+                    config: TrainConfig, history: list[dict]) -> None:
     """Everything a resumed run needs, written atomically (tensors and plain data only)."""
     state = {"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
              "step": step, "config": json.dumps(dataclasses.asdict(config)), "history": json.dumps(history)}
@@ -221,7 +298,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: TripletConfig) -> tuple[int, list[dict]]:
+                    config: TrainConfig) -> tuple[int, list[dict]]:
     """Restores model and optimizer from :func:`save_checkpoint`; returns the step and the history.
 
     Raises:
@@ -239,7 +316,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return int(state["step"]), json.loads(state["history"])
 
 
-def train(config: TripletConfig, paths: list[str], labels: list[str], output: Path, device: str = "cpu", *,
+def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path, device: str = "cpu", *,
           autocast_dtype: torch.dtype | None = None, rank: int = 0, wrap_model=None, report=None,
           checkpoint_every: int = 50, log_every: int = 10) -> dict:
     """Trains (or resumes) on labelled images and writes ``embedder.safetensors`` into ``output``.
@@ -279,7 +356,7 @@ def train(config: TripletConfig, paths: list[str], labels: list[str], output: Pa
         with torch.autocast(runtime_device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             embeddings = embed(model, x)
-        loss, stats = triplet_loss(embeddings, y, config.margin, config.mining)
+        loss, stats = metric_loss(config, embeddings, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -29,10 +29,11 @@ from starlette.formparsers import MultiPartParser
 
 from pipeline.device_decode import prepare_batch
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from pipeline.index import ShardedIndex
+from pipeline.index import Hit, ShardedIndex
 from pipeline.manifests import IndexManifest
 from pipeline.models import CropPolicy, load_classifier, load_detector, load_embedder, select_runtime
 from pipeline.search import QueryPreprocess, class_answers, merge_hits
+from pipeline.strategy import Strategy
 from pipeline.sources import read_uri
 
 logger = logging.getLogger("serve.app")
@@ -49,7 +50,8 @@ class AppConfig:
         embedder: embedder spec; must equal the index's (default: the index's).
         detector: torchvision detector spec for the optional crop, or None (no detector: no crop).
         crop: default crop policy, ``auto`` (crop when a box qualifies) or ``off``.
-        top_n: predicted classes searched in class mode.
+        strategy: the default search strategy: a name (``global``, ``class@N``, ``gated@N:TAU``,
+            ``rerank:BETA``) or a ``jobs.evaluate --recommend`` file; default the index's, else global.
         retriever_shards: shard numbers of each retriever deployment; default one retriever with all.
         retriever_actor_options: ``ray_actor_options`` of each retriever deployment, e.g. custom
             resources that pin a shard group to the nodes that hold it in memory.
@@ -69,7 +71,7 @@ class AppConfig:
     embedder: str | None = None
     detector: str | None = None
     crop: str = "off"
-    top_n: int = 1
+    strategy: str | dict | None = None
     retriever_shards: list[list[int]] | None = None
     retriever_actor_options: list[dict] | None = None
     max_body_mb: float = 20.0
@@ -85,8 +87,9 @@ class AppConfig:
             raise ValueError(f"crop must be auto or off, got {self.crop!r}")
         if self.decode not in ("cpu", "device"):
             raise ValueError(f"decode must be cpu or device, got {self.decode!r}")
-        if self.top_n < 1 or self.max_batch_size < 1 or self.max_body_mb <= 0 or self.batch_wait_timeout_s < 0:
-            raise ValueError("top_n and max_batch_size must be >= 1, max_body_mb > 0, batch_wait_timeout_s >= 0")
+        if self.max_batch_size < 1 or self.max_body_mb <= 0 or self.batch_wait_timeout_s < 0:
+            raise ValueError("max_batch_size must be >= 1, max_body_mb > 0, batch_wait_timeout_s >= 0")
+        Strategy.load(self.strategy)
         CropPolicy(**self.crop_policy)
 
 
@@ -268,6 +271,7 @@ class Ingress:
         self.manifest = manifest
         self.classifier, self.embedder, self.detector, self.retrievers = classifier, embedder, detector, retrievers
         self.queries = QueryPreprocess.of(manifest)  # the query path's steps, as QueryEngine takes them
+        self.strategy = Strategy.load(self.config.strategy)  # resolved by build_app
         self.limit = int(self.config.max_body_mb * 2**20)
 
     async def _classify_and_embed_encoded(self, data: bytes) -> tuple[list[int], list[dict], np.ndarray]:
@@ -282,19 +286,36 @@ class Ingress:
         return await asyncio.to_thread(_image_size, data), classes, vector
 
     async def _merge(self, vector: np.ndarray, classes: list[int], k: int, mode: str,
-                     min_score: float | None) -> list[dict]:
+                     min_score: float | None) -> list[Hit]:
         answers = await asyncio.gather(*(_ask(r.search, vector, classes, k, mode, min_score)
                                          for r in self.retrievers))
-        hits = merge_hits(answers, k)
-        for hit in hits:
-            hit["thumbnail"] = f"/images/{hit['id']}"
-        return hits
+        return [Hit.from_json(h) for h in merge_hits(answers, k)]
+
+    async def _search(self, strategy: Strategy, vector: np.ndarray, classes: list[dict], k: int,
+                      min_score: float | None) -> tuple[list[dict], str | None]:
+        """The strategy's steps (as QueryEngine.answer takes them) over the retrievers."""
+        class_hits = None
+        if strategy.wants_class(classes):
+            class_hits = await self._merge(vector, strategy.searched_classes(classes), k, "class", min_score)
+        global_hits = None
+        if strategy.needs_global(class_hits, k):
+            global_hits = await self._merge(vector, [], strategy.global_k(k), "global", min_score)
+        hits, note = strategy.finish(k, classes, class_hits, global_hits, self.manifest.class_size)
+        return [h.to_json() | {"thumbnail": f"/images/{h.id}"} for h in hits], note
 
     @app.post("/search")
     async def search(self, request: Request, k: int = Query(5, ge=1, le=100),
-                     mode: Literal["class", "global"] = "class", crop: Literal["auto", "off"] | None = None,
+                     strategy: str | None = Query(None, max_length=64,
+                                                  description="global, class[@N], gated[@N]:TAU or rerank:BETA "
+                                                              "(default: the service's)"),
+                     fill: bool | None = None, crop: Literal["auto", "off"] | None = None,
                      min_score: float | None = Query(None, ge=-1.0, le=1.0)) -> JSONResponse:
         """Upload an image (raw body or a multipart file field); get its classes and similar images."""
+        try:
+            chosen = self.strategy if strategy is None else Strategy.parse(strategy)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        chosen = chosen.with_fill(fill)
         data = await _read_upload(request, self.limit)
         cropping = (crop or self.config.crop) == "auto" and self.detector is not None
         if self.config.decode == "device" and not cropping:
@@ -310,9 +331,9 @@ class Ingress:
             cls_img, emb_img = await asyncio.to_thread(self.queries.model_inputs, image, box)
             classes, vector = await asyncio.gather(_ask(self.classifier.classify, cls_img),
                                                    _ask(self.embedder.embed, emb_img))
-        hits = await self._merge(vector, [c["index"] for c in classes[: self.config.top_n]], k, mode, min_score)
-        return JSONResponse({"mode": mode, "crop_box": list(box) if box else None, "image_size": size,
-                             "classes": classes, "results": hits})
+        hits, note = await self._search(chosen, vector, classes, k, min_score)
+        return JSONResponse({"strategy": str(chosen), "crop_box": list(box) if box else None, "image_size": size,
+                             "classes": classes, "results": hits, "note": note})
 
     @app.post("/search/text")
     async def search_text(self, q: str = Query(..., min_length=1, max_length=500),
@@ -322,8 +343,9 @@ class Ingress:
         if not await _ask(self.embedder.has_text):
             raise HTTPException(501, "this index's embedder has no text tower; text search needs a CLIP embedder")
         vector = await _ask(self.embedder.embed_text, q)
-        return JSONResponse({"mode": "global", "query": q, "results": await self._merge(vector, [], k, "global",
-                                                                                          min_score)})
+        hits = await self._merge(vector, [], k, "global", min_score)
+        return JSONResponse({"strategy": "global", "query": q,
+                             "results": [h.to_json() | {"thumbnail": f"/images/{h.id}"} for h in hits]})
 
     @app.get("/images/{image_id}")
     async def image(self, image_id: int, size: int = Query(256, ge=16, le=1024)) -> Response:
@@ -391,5 +413,6 @@ def build_app(args: dict) -> serve.Application:
                   .bind(str(index), group, specs) for i, (group, opts) in enumerate(zip(shards, options))]
     detector = Detector.bind(config.detector, config.device, config.crop_policy, **batching) \
         if config.detector else None
-    resolved = asdict(config) | {"index": str(index)}
+    strategy = Strategy.load(config.strategy, default=Strategy.load(manifest.strategy))  # a file is read here, once
+    resolved = asdict(config) | {"index": str(index), "strategy": strategy.to_json()}
     return Ingress.bind(resolved, manifest, classifier, embedder, retrievers, detector)

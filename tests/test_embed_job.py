@@ -180,14 +180,25 @@ def test_embed_then_build_then_search_finds_the_image_itself(tmp_path: Path, cap
     assert "18 images" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "index" / "manifest.json").read_text())["shards"]) >= 3
     queries = [made["good"][0], made["good"][13]]
-    for mode in ("class", "global"):
-        assert search_main(["--index", str(tmp_path / "index"), "--image", *map(str, queries), "-k", "3",
-                            "--mode", mode, "--json"]) == 0
+    for strategy in ("class@1", "global", None):
+        assert search_main(["--index", str(tmp_path / "index"), "--image", *map(str, queries), "-k", "3", "--json",
+                            *(["--strategy", strategy] if strategy else [])]) == 0
         answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         for query, answer in zip(queries, answers):
+            assert answer["strategy"] == (strategy or "global")  # an index without a strategy: global
             top = answer["results"][0]
             assert top["uri"] == str(query) and top["score"] == pytest.approx(1.0, abs=1e-4)
             assert answer["classes"][0]["synset"].startswith("n")
+            assert len(answer["results"]) == 3  # a class holding fewer than 3 images is filled up, with a note
+            held = sum(1 for r in answer["results"] if r["class"] == answer["classes"][0]["index"])
+            assert (answer["note"] is not None) == (strategy == "class@1" and held < 3)
+    # The index's default strategy: set on the existing index, then used by a search without flags.
+    assert build_main(["--output", str(tmp_path / "index"), "--strategy", "class@2"]) == 0
+    assert "default strategy class@2" in capsys.readouterr().out
+    assert search_main(["--index", str(tmp_path / "index"), "--image", str(queries[0]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] == "class@2"
+    assert search_main(["--index", str(tmp_path / "index"), "--image", str(queries[0]), "--strategy", "nope"]) == 2
+    assert "unknown strategy 'nope'" in capsys.readouterr().err
     # A bad file is reported, the others answered, exit status 1.
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")

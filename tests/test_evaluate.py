@@ -14,11 +14,12 @@ from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders
 from PIL import Image
 
 from jobs.evaluate import main as evaluate_main
-from jobs.train_triplet import main as train_main
+from jobs.train_embedder import main as train_main
 from pipeline.evaluation import split
 from pipeline.grids import grid_size
 from pipeline.images import decode_image, resize_image
 from pipeline.models import load_embedder
+from pipeline.strategy import Strategy
 
 pytestmark = [pytest.mark.ray]
 
@@ -73,10 +74,22 @@ def test_evaluation_end_to_end_with_finetuning_crop_and_grids(tmp_path: Path, ca
               "--classifier", TINY_CLASSIFIER, "--embedder", TINY_CLIP_SPEC, "--batch-size", "4", "--top-n", "2"]
     assert evaluate_main(common) == 0
     first = json.loads((out / "results.json").read_text())
-    assert [r["strategy"] for r in first["rows"]] == ["global", "class@1", "class@2"]
+    names = [r["strategy"] for r in first["rows"]]
+    assert names[:3] == ["global", "class@1", "class@2"] and names[5] == "calibrated", names
+    assert names[3].startswith("gated@") and names[4].startswith("rerank:"), names
+    calibration = first["calibration"][0]
+    sweep = {row["strategy"]: row for row in calibration["sweep"]}
+    assert len(sweep) > 10 and sweep["global"]["class_searches"] == 0 and sweep["class@1"]["class_searches"] == 6
+    for row in first["rows"][:5]:  # the table's rows are the sweep's
+        assert row["mAP@5"] == sweep[row["strategy"]]["mAP@5"]
+    # The recommendation is global unless another setting beats it by --min-gain (0.005).
+    best = calibration["best_per_metric"]["mAP@5"]
+    recommended = calibration["recommended"]["name"]
+    assert best["value"] == max(row["mAP@5"] for row in sweep.values())
+    assert recommended == (best["strategy"] if best["value"] - sweep["global"]["mAP@5"] >= 0.005 else "global")
     split_info = json.loads((out / "split.json").read_text())
     assert len(split_info["queries"]) == 6 and len(split_info["gallery"]) == 12
-    assert len(list((out / "gallery").glob("*/*"))) == 12      # the gallery split, for jobs.train_triplet
+    assert len(list((out / "gallery").glob("*/*"))) == 12      # the gallery split, for jobs.train_embedder
     query_labels = [Path(p).parent.name for p in split_info["queries"]]
     lowest, highest = reference_map(out, split_info["queries"], query_labels, 5)
     assert lowest - 6e-5 <= first["rows"][0]["mAP@5"] <= highest + 6e-5, (lowest, highest)  # 4 decimals
@@ -92,16 +105,22 @@ def test_evaluation_end_to_end_with_finetuning_crop_and_grids(tmp_path: Path, ca
     capsys.readouterr()
 
     assert evaluate_main([*common, "--finetuned", spec, "--detector", TINY_DETECTOR, "--crop-min-score", "0",
-                          "--grids", "2"]) == 0
+                          "--grids", "2", "--recommend", str(tmp_path / "strategy.json"), "--min-gain", "-1"]) == 0
     printed = capsys.readouterr().out
     assert "| embedder | crop | strategy | mAP@1 | mAP@3 | mAP@5 |" in printed
     results = json.loads((out / "results.json").read_text())
     rows = {(r["embedder"], r["crop"], r["strategy"]): r for r in results["rows"]}
-    assert len(rows) == 12   # 2 embedders x crop off/on x 3 strategies
+    assert len(rows) == 24   # 2 embedders x crop off/on x 6 strategies
     # The pretrained index was reused, so its rows are unchanged.
     assert rows[("pretrained", "off", "global")]["mAP@5"] == first["rows"][0]["mAP@5"]
     assert len(list((out / "runs").iterdir())) == 2
-    assert (out / "results.md").read_text().count("\n| finetuned |") == 6
+    assert (out / "results.md").read_text().count("\n| finetuned |") == 12 + 6  # the table; best per metric x crop
+    # --recommend: the fine-tuned embedder's best setting (--min-gain -1: whatever is best), as a strategy file.
+    written = json.loads((tmp_path / "strategy.json").read_text())
+    finetuned = next(c for c in results["calibration"] if c["embedder"] == "finetuned" and c["crop"] == "off")
+    assert written["embedder"] == spec and written["strategy"]["name"] == finetuned["best_per_metric"]["mAP@5"]["strategy"]
+    assert str(Strategy.load(str(tmp_path / "strategy.json"))) == written["strategy"]["name"]
+    assert "recommended strategy (finetuned embedder, mAP@5)" in printed
     assert results["grids"] and all(Image.open(p).size == grid_size(5) for p in results["grids"])
 
 

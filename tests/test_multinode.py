@@ -78,9 +78,9 @@ def test_retrievers_on_two_nodes_answer_like_one_process(cluster, tmp_path: Path
         engine = QueryEngine.load(str(tmp_path / "index"))
         for path in made["good"][::3]:
             data = path.read_bytes()
-            online = requests.post(f"http://127.0.0.1:{port}/search", params={"k": 6, "mode": "global"},
+            online = requests.post(f"http://127.0.0.1:{port}/search", params={"k": 6, "strategy": "global"},
                                    data=data, timeout=60).json()
-            offline = engine.search([data], k=6, mode="global")[0].to_json()
+            offline = engine.search([data], k=6, strategy="global")[0].to_json()
             assert_same_ranking([h["id"] for h in online["results"]], [h["score"] for h in online["results"]],
                                 [h["id"] for h in offline["results"]], [h["score"] for h in offline["results"]])
     finally:

@@ -22,6 +22,7 @@ from pipeline.images import ImageDecodeError
 from pipeline.index import IndexConfig, build_index
 from pipeline.models import CropPolicy, Detections, choose_crop, load_detector
 from pipeline.search import QueryEngine
+from pipeline.strategy import Strategy
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve]
 
@@ -73,35 +74,40 @@ def test_health_and_page(service) -> None:
     assert "/search" in requests.get(f"{service['url']}/openapi.json", timeout=30).json()["paths"]
 
 
-def assert_answers_agree(online: dict, engine: QueryEngine, data: bytes, k: int, mode: str) -> None:
+def assert_answers_agree(online: dict, engine: QueryEngine, data: bytes, k: int, strategy: str) -> None:
     """The service's answer equals the offline engine's for the query the service saw, up to ties.
 
     The predicted classes must agree up to near-tied probabilities; the hits are then compared with
     the offline engine searching the classes the service predicted (and the region it cropped), so a
-    near-tie that another process broke the other way cannot change which class is searched.
+    near-tie that another process broke the other way cannot change which class is searched (or
+    whether a gated strategy searches it).
     """
+    chosen = Strategy.parse(strategy)
+    assert online["strategy"] == str(chosen)
     box = online["crop_box"]
     encoded = engine.encode([data], boxes=[tuple(box) if box else None])
-    offline = engine.answer(encoded, k, mode)[0].to_json()
+    offline = engine.answer(encoded, k, chosen)[0].to_json()
     classes = [c["index"] for c in online["classes"]]
     assert_same_ranking(classes, [c["probability"] for c in online["classes"]],
                         [c["index"] for c in offline["classes"]], [c["probability"] for c in offline["classes"]],
                         atol=1.5e-4)  # probabilities are rounded to 4 decimals
-    pinned = engine.answer(replace(encoded, classes=np.array([classes])), k, mode)[0].to_json()
+    probs = np.array([[c["probability"] for c in online["classes"]]])
+    pinned = engine.answer(replace(encoded, classes=np.array([classes]), probs=probs), k, chosen)[0].to_json()
+    assert online["note"] == pinned["note"]
     assert_same_ranking([h["id"] for h in online["results"]], [h["score"] for h in online["results"]],
                         [h["id"] for h in pinned["results"]], [h["score"] for h in pinned["results"]])
 
 
-@pytest.mark.parametrize("mode", ["class", "global"])
-def test_results_equal_the_offline_query_cli(service, mode: str) -> None:
+@pytest.mark.parametrize("strategy", ["class@1", "global", "gated:0.002", "rerank:0.5"])
+def test_results_equal_the_offline_query_cli(service, strategy: str) -> None:
     engine = QueryEngine.load(str(service["index"]))
     for path in service["images"][::4]:
         data = path.read_bytes()
-        response = post(service, data, k=4, mode=mode)
+        response = post(service, data, k=4, strategy=strategy)
         assert response.status_code == 200, response.text
         online = response.json()
         assert online["crop_box"] is None
-        assert_answers_agree(online, engine, data, 4, mode)
+        assert_answers_agree(online, engine, data, 4, strategy)
         assert online["results"][0]["uri"] == str(path)  # a gallery image finds itself first
 
 
@@ -131,7 +137,7 @@ def test_detection_crop_equals_the_offline_crop(service) -> None:
         candidates = near_best_crops(detector, engine.decode(data))
         assert any(max(abs(a - b) for a, b in zip(online["crop_box"], c)) <= 2 for c in candidates), \
             (online["crop_box"], candidates)
-        assert_answers_agree(online, engine, data, 3, "class")
+        assert_answers_agree(online, engine, data, 3, "class@1")
         assert post(service, data, k=3).json()["crop_box"] is None  # the app's default is crop=off
 
 
@@ -161,7 +167,7 @@ def test_bad_input_gets_its_status_and_the_service_carries_on(service) -> None:
         assert reason in response.json()["detail"]
     too_big = np.random.default_rng(0).integers(0, 256, 400_000, dtype=np.uint8).tobytes()
     assert post(service, too_big).status_code == 413
-    for params in ({"k": 0}, {"k": "many"}, {"mode": "everything"}, {"crop": "maybe"}, {"min_score": 3}):
+    for params in ({"k": 0}, {"k": "many"}, {"strategy": "everything"}, {"strategy": "gated"}, {"crop": "maybe"}, {"min_score": 3}):
         assert post(service, good, **params).status_code == 422, params
     assert post(service, good).status_code == 200
 
@@ -191,8 +197,8 @@ def test_decoding_on_the_model_device_answers_like_the_ingress(service) -> None:
 
     for path in service["images"][::3]:
         data = path.read_bytes()
-        on_ingress = post(service, data, k=4, mode="global").json()
-        on_device = post_device(data, k=4, mode="global").json()
+        on_ingress = post(service, data, k=4, strategy="global").json()
+        on_device = post_device(data, k=4, strategy="global").json()
         assert on_device["image_size"] == on_ingress["image_size"]
         assert on_device["results"][0]["uri"] == str(path)  # finds itself first
         scores = {h["id"]: h["score"] for h in on_ingress["results"]}
@@ -256,7 +262,7 @@ def test_web_page_upload_shows_classes_and_results(service, tmp_path) -> None:
             page.goto(service["url"] + "/")
             assert "lookalike" in page.title()
             page.fill("#k", "3")
-            page.select_option("#mode", "global")  # random test models: the predicted class may be empty
+            page.select_option("#strategy", "global")
             page.set_input_files("#file", str(photo))
             page.wait_for_selector("figure.result", timeout=60_000)
             assert page.locator("figure.result").count() == 3

@@ -1,4 +1,5 @@
-"""Triplet loss, mining, class-balanced batches, and fine-tuning on a tiny set (no Ray)."""
+"""Metric-learning losses (triplet, multi-similarity, supcon) against loops over anchors,
+class-balanced batches, and fine-tuning on a tiny set (no Ray)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ import pytest
 import torch
 from conftest import TINY_CLASSIFIER, make_class_folders
 
-from jobs.train_triplet import main
+from jobs.train_embedder import main
 from pipeline.datasets import list_labelled_images
 from pipeline.models import load_embedder, select_runtime
-from pipeline.training import TripletConfig, class_balanced_batches, pairwise_distances, train, triplet_loss
+from pipeline.training import (
+    TrainConfig,
+    class_balanced_batches,
+    multi_similarity_loss,
+    pairwise_distances,
+    supcon_loss,
+    train,
+    triplet_loss,
+)
 
 
 def unit(*rows: list[float]) -> torch.Tensor:
@@ -55,11 +64,55 @@ def test_mining_matches_a_loop_over_anchors(mining: str) -> None:
     np.testing.assert_allclose(float(loss), np.mean(expected), atol=1e-5)
 
 
+def random_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    e = torch.nn.functional.normalize(torch.randn(12, 5, generator=generator), dim=-1)
+    return e, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+
+
+def test_multi_similarity_loss_matches_a_loop_over_anchors() -> None:
+    e, labels = random_batch(1)
+    s = (e.double() @ e.double().T).numpy()
+    alpha, beta, base, eps = 2.0, 50.0, 0.5, 0.1
+    per_anchor = []
+    for a in range(12):
+        pos = [s[a, p] for p in range(12) if p != a and labels[p] == labels[a]]
+        neg = [s[a, n] for n in range(12) if labels[n] != labels[a]]
+        kept_neg = [x for x in neg if x + eps > min(pos)]
+        kept_pos = [x for x in pos if x - eps < max(neg)]
+        if kept_pos or kept_neg:
+            per_anchor.append(np.log1p(sum(np.exp(-alpha * (x - base)) for x in kept_pos)) / alpha
+                              + np.log1p(sum(np.exp(beta * (x - base)) for x in kept_neg)) / beta)
+    loss, stats = multi_similarity_loss(e, labels, alpha, beta, base, eps)
+    np.testing.assert_allclose(float(loss), np.mean(per_anchor), rtol=1e-5)
+    assert stats["active"] == len(per_anchor) / 12
+    # Well separated classes (each a tight cluster, clusters orthogonal) keep no pair: zero loss.
+    tight = torch.nn.functional.normalize(torch.eye(4).repeat_interleave(3, 0) + 0.01 * e[:, :4], dim=-1)
+    loss, stats = multi_similarity_loss(tight, labels)
+    assert float(loss) == 0.0 and stats["active"] == 0.0
+
+
+def test_supcon_loss_matches_a_loop_over_anchors() -> None:
+    e, labels = random_batch(2)
+    s = (e.double() @ e.double().T).numpy() / 0.1
+    per_anchor = []
+    for a in range(12):
+        others = [j for j in range(12) if j != a]
+        log_norm = np.log(sum(np.exp(s[a, j]) for j in others))
+        positives = [p for p in others if labels[p] == labels[a]]
+        per_anchor.append(-np.mean([s[a, p] - log_norm for p in positives]))
+    loss, _ = supcon_loss(e, labels, temperature=0.1)
+    np.testing.assert_allclose(float(loss), np.mean(per_anchor), rtol=1e-5)
+
+
 def test_loss_needs_positives_and_negatives() -> None:
     with pytest.raises(ValueError, match="class-balanced"):
         triplet_loss(unit([1, 0], [0, 1]), torch.tensor([0, 1]), margin=0.2)
     with pytest.raises(ValueError, match="mining"):
         triplet_loss(unit([1, 0], [0, 1]), torch.tensor([0, 0]), margin=0.2, mining="easy")
+    for loss in (multi_similarity_loss, supcon_loss):
+        with pytest.raises(ValueError, match="positive and a negative"):
+            loss(unit([1, 0], [0, 1]), torch.tensor([0, 1]))
 
 
 def test_class_balanced_batches_are_p_by_k_and_resume_exactly() -> None:
@@ -77,19 +130,30 @@ def test_class_balanced_batches_are_p_by_k_and_resume_exactly() -> None:
 
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="timm"):
-        TripletConfig(backbone="open_clip:ViT-B-32@random")
+        TrainConfig(backbone="open_clip:ViT-B-32@random")
     with pytest.raises(ValueError, match="per_class"):
-        TripletConfig(per_class=1)
+        TrainConfig(per_class=1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="arcface")
 
 
-def tiny_config(**kwargs) -> TripletConfig:
+def tiny_config(**kwargs) -> TrainConfig:
     settings = dict(backbone=TINY_CLASSIFIER, dim=16, input_size=32, classes_per_batch=2, per_class=4, steps=20,
                     lr=1e-3)
-    return TripletConfig(**(settings | kwargs))
+    return TrainConfig(**(settings | kwargs))
+
+
+@pytest.mark.parametrize("loss", ["triplet", "supcon"])
+def test_every_loss_trains(tmp_path: Path, loss: str) -> None:
+    make_class_folders(tmp_path / "data", classes=2, per_class=4)
+    paths, labels = list_labelled_images(tmp_path / "data")
+    summary = train(tiny_config(steps=20, loss=loss), paths, labels, tmp_path / "out", log_every=5)
+    losses = [h["loss"] for h in summary["history"]]
+    assert losses[-1] < losses[0], losses
 
 
 def test_training_lowers_the_loss_writes_a_loadable_embedder_and_resumes(tmp_path: Path) -> None:
-    # Two classes of four images: every batch is the whole set, so the loss must fall.
+    # Two classes of four images: every batch is the whole set, so the (multi-similarity) loss must fall.
     make_class_folders(tmp_path / "data", classes=2, per_class=4)
     paths, labels = list_labelled_images(tmp_path / "data")
     summary = train(tiny_config(steps=20), paths, labels, tmp_path / "out", log_every=5)

@@ -191,16 +191,18 @@ def build_shard_from_bucket(bucket: Path, directory: Path, config: IndexConfig, 
 
 
 def write_index_manifest(index_dir: Path, shards: list[dict], source: EmbeddingManifest | IndexManifest,
-                         config: IndexConfig, dim: int, dtype: str, sources: list[str]) -> IndexManifest:
-    """Writes the index ``manifest.json``: the shards, where each class lies, and the models and
-    decode limit of ``source`` (the embedding output, or the index being appended to)."""
+                         config: IndexConfig, dim: int, dtype: str, sources: list[str],
+                         strategy: dict | None = None) -> IndexManifest:
+    """Writes the index ``manifest.json``: the shards, where each class lies, the models and
+    decode limit of ``source`` (the embedding output, or the index being appended to), and the
+    default search strategy."""
     class_map = {}
     for number, shard in enumerate(shards):
         for cls, (start, end) in shard["classes"].items():
             class_map[str(cls)] = [number, start, end]
     manifest = IndexManifest(
         models=source.models, dim=dim, vector_dtype=dtype, config=dataclasses.asdict(config), sources=sources,
-        rows=sum(s["rows"] for s in shards), classes=class_map, max_pixels=source.max_pixels,
+        rows=sum(s["rows"] for s in shards), classes=class_map, max_pixels=source.max_pixels, strategy=strategy,
         shards=[{k: v for k, v in s.items() if k != "classes"} | {"classes": len(s["classes"])} for s in shards])
     manifest.write(index_dir)
     return manifest
@@ -215,7 +217,7 @@ def _shard_jobs_map(jobs: list[tuple], mapper) -> list[dict]:
 
 
 def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: IndexConfig = IndexConfig(),
-                dtype: str = "float32", mapper=map) -> dict:
+                dtype: str = "float32", mapper=map, strategy: dict | None = None) -> dict:
     """Builds a class-sharded index from an embedding job's output.
 
     Args:
@@ -224,6 +226,7 @@ def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: Index
         config: sharding and global index settings.
         dtype: storage type of the vectors (``float32`` or ``float16``).
         mapper: ``map``-like callable running the per-shard builds (e.g. in parallel on Ray).
+        strategy: the default search strategy (``Strategy.to_json()``) recorded in the manifest.
 
     Returns:
         the index manifest.
@@ -248,15 +251,17 @@ def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: Index
         entries = _shard_jobs_map(jobs, mapper)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return write_index_manifest(index_dir, entries, source, config, dim, dtype, [str(embeddings_dir.resolve())])
+    return write_index_manifest(index_dir, entries, source, config, dim, dtype, [str(embeddings_dir.resolve())],
+                                strategy)
 
 
-def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map) -> dict:
+def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map, strategy: dict | None = None) -> dict:
     """Adds a new embedding output to an existing index, rebuilding only the shards it touches.
 
     Rows whose id is already indexed are skipped; images of known classes go to their class's shard
     (which may then exceed ``shard_size``; rebuild from scratch to re-balance); new classes get new
-    shards. The result answers searches exactly as an index built from both outputs at once.
+    shards. The result answers searches exactly as an index built from both outputs at once. The
+    index keeps its default search strategy unless ``strategy`` is given.
 
     Raises:
         FileNotFoundError: no index at ``index_dir``.
@@ -297,4 +302,5 @@ def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map) 
             entry["classes"] = {c: [v[1], v[2]] for c, v in old_map.items() if v[0] == number}
             entries.append(entry)
     return write_index_manifest(index_dir, entries, old, config, old.dim, old.vector_dtype,
-                                old.sources + [str(embeddings_dir.resolve())])
+                                old.sources + [str(embeddings_dir.resolve())],
+                                old.strategy if strategy is None else strategy)

@@ -29,6 +29,10 @@ class Hit:
     def to_json(self) -> dict:
         return {"id": self.id, "uri": self.uri, "label": self.label, "class": self.cls, "score": self.score}
 
+    @classmethod
+    def from_json(cls, raw: dict) -> "Hit":
+        return cls(int(raw["id"]), raw["uri"], raw["label"], int(raw["class"]), float(raw["score"]))
+
 
 class IndexIntegrityError(ValueError):
     """An index file is missing, truncated or corrupted (the message names the file)."""

@@ -1,0 +1,179 @@
+"""Search strategies: which part of the gallery a query searches, and how its results are ordered.
+
+    global          embedding similarity over the whole gallery (the default: see README's table)
+    class@N         Approach 2: among the gallery images of the query's top N predicted classes
+    gated@N:TAU     class@N when the classifier's top-1 probability is at least TAU, else global
+                    (TAU = 0 is class@N, TAU > 1 never searches a class: global)
+    rerank:BETA     the global top ``candidates`` re-ordered by similarity + BETA x the query's
+                    probability of each candidate's class (BETA = 0 is global)
+
+A class-restricted search that finds fewer than k results says so and why in the answer's
+``note``, and with ``fill`` (the default) tops up from the global search. The steps are pure and
+shared by every query path: :class:`pipeline.search.QueryEngine` (``jobs.search``,
+``jobs.evaluate``) and the service's ingress (``serve/app.py``) each run
+``wants_class`` -> class search -> ``needs_global`` -> global search -> ``finish``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pipeline.index import Hit
+
+STRATEGY_KINDS = ("global", "class", "gated", "rerank")
+_NAME = re.compile(r"^(?P<kind>global|class|gated|rerank)(@(?P<top_n>\d+))?(:(?P<value>[0-9.]+))?$")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A search strategy and its parameters (see the module docstring).
+
+    Attributes:
+        kind: ``global``, ``class``, ``gated`` or ``rerank``.
+        top_n: predicted classes searched (``class``, ``gated``).
+        tau: least top-1 probability for a class search (``gated``).
+        beta: weight of the query's class probability (``rerank``).
+        candidates: global results re-ranked (``rerank``).
+        fill: top up a class search that finds fewer than k from the global search.
+    """
+
+    kind: str = "global"
+    top_n: int = 1
+    tau: float = 0.0
+    beta: float = 0.0
+    candidates: int = 50
+    fill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRATEGY_KINDS:
+            raise ValueError(f"strategy must be one of {STRATEGY_KINDS}, got {self.kind!r}")
+        if not 1 <= self.top_n <= 5:
+            raise ValueError(f"a strategy's top_n must be 1 to 5 (the classes a query keeps), got {self.top_n}")
+        if self.tau < 0 or self.beta < 0 or self.candidates < 1:
+            raise ValueError("tau and beta must be >= 0 and candidates >= 1")
+
+    @classmethod
+    def parse(cls, name: str, fill: bool = True) -> "Strategy":
+        """``global``, ``class``, ``class@3``, ``gated:0.4``, ``gated@2:0.4`` or ``rerank:0.1``.
+
+        Raises:
+            ValueError: anything else.
+        """
+        match = _NAME.match(name.strip())
+        if match is None:
+            raise ValueError(f"unknown strategy {name!r}; use global, class[@N], gated[@N]:TAU or rerank:BETA")
+        kind, value = match["kind"], match["value"]
+        top_n = int(match["top_n"] or 1)
+        if (kind in ("gated", "rerank")) != (value is not None) or (match["top_n"] and kind in ("global", "rerank")):
+            raise ValueError(f"strategy {name!r}: write global, class[@N], gated[@N]:TAU or rerank:BETA")
+        try:
+            number = float(value) if value is not None else 0.0
+        except ValueError:
+            raise ValueError(f"strategy {name!r}: {value!r} is not a number") from None
+        return cls(kind, top_n=top_n, tau=number if kind == "gated" else 0.0,
+                   beta=number if kind == "rerank" else 0.0, fill=fill)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Strategy":
+        """From :meth:`to_json` (or a ``--recommend`` file, which holds it under ``strategy``)."""
+        raw = raw.get("strategy", raw) if isinstance(raw.get("strategy"), dict) else raw
+        known = {k: raw[k] for k in ("kind", "top_n", "tau", "beta", "candidates", "fill") if k in raw}
+        if "kind" not in known:
+            raise ValueError(f"a strategy needs a 'kind' ({', '.join(STRATEGY_KINDS)}), got {raw}")
+        return cls(**known)
+
+    @classmethod
+    def load(cls, value: "str | dict | Strategy | None", default: "Strategy | None" = None) -> "Strategy":
+        """A strategy from a name, a JSON file (``jobs.evaluate --recommend``), a dict or None (``default``,
+        else global).
+
+        Raises:
+            ValueError: an unknown name or a malformed file.
+        """
+        if value is None:
+            return default or cls()
+        if isinstance(value, Strategy):
+            return value
+        if isinstance(value, dict):
+            return cls.from_json(value)
+        if value.endswith(".json") or Path(value).is_file():
+            path = Path(value)
+            try:
+                return cls.from_json(json.loads(path.read_text()))
+            except FileNotFoundError:
+                raise ValueError(f"strategy file {path} does not exist") from None
+            except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+                raise ValueError(f"strategy file {path} is not a strategy ({exc})") from None
+        return cls.parse(value)
+
+    def with_fill(self, fill: bool | None) -> "Strategy":
+        return self if fill is None or fill == self.fill else replace(self, fill=fill)
+
+    def __str__(self) -> str:
+        if self.kind == "global":
+            return "global"
+        if self.kind == "class":
+            return f"class@{self.top_n}"
+        if self.kind == "gated":
+            return f"gated@{self.top_n}:{self.tau:g}"
+        return f"rerank:{self.beta:g}"
+
+    def to_json(self) -> dict:
+        return {"name": str(self), **asdict(self)}
+
+    # ---- the steps every query path runs -------------------------------------------------------
+
+    def wants_class(self, classes: Sequence[dict]) -> bool:
+        """Whether this query searches its predicted classes (``classes``: its class answers, best first)."""
+        if self.kind == "class":
+            return True
+        return self.kind == "gated" and bool(classes) and classes[0]["probability"] >= self.tau
+
+    def searched_classes(self, classes: Sequence[dict]) -> list[int]:
+        return [c["index"] for c in classes[: self.top_n]]
+
+    def needs_global(self, class_hits: list[Hit] | None, k: int) -> bool:
+        """Whether a global search is needed after the class search (None: there was none)."""
+        return class_hits is None or (self.fill and len(class_hits) < k)
+
+    def global_k(self, k: int) -> int:
+        """How many global results to ask for."""
+        return max(k, self.candidates) if self.kind == "rerank" else k
+
+    def finish(self, k: int, classes: Sequence[dict], class_hits: list[Hit] | None,
+               global_hits: list[Hit] | None, class_size: Callable[[int], int]) -> tuple[list[Hit], str | None]:
+        """The answer's hits, best first, and a note when a class search fell short of k.
+
+        Args:
+            k: results wanted.
+            classes: the query's class answers (``index``, ``name``, ``probability``), best first.
+            class_hits: the class search's hits (None: no class search).
+            global_hits: the global search's hits (None: none was needed).
+            class_size: gallery images of a class.
+        """
+        if class_hits is None:
+            hits = list(global_hits or [])
+            if self.kind == "rerank" and self.beta > 0:
+                prior = {c["index"]: c["probability"] for c in classes}
+                hits.sort(key=lambda h: -(h.score + self.beta * prior.get(h.cls, 0.0)))
+            return hits[:k], None
+        hits = list(class_hits)
+        if len(hits) >= k:
+            return hits[:k], None
+        searched = classes[: self.top_n]
+        names = ", ".join(f"'{c['name']}'" for c in searched)
+        held = sum(class_size(c["index"]) for c in searched)
+        what = f"the predicted class {names}" if len(searched) == 1 else f"the top {len(searched)} predicted classes ({names})"
+        why = f"{what} {'has' if len(searched) == 1 else 'have'} {held or 'no'} gallery image{'' if held == 1 else 's'}"
+        if held >= k:
+            why += f", of which {len(hits)} pass min_score"
+        if not self.fill:
+            return hits, f"{len(hits)} of {k} results: {why}; search with fill or the global strategy for more"
+        seen = {h.id for h in hits}
+        extra = [h for h in (global_hits or []) if h.id not in seen][: k - len(hits)]
+        return hits + extra, f"{len(hits)} of {k} results from the class search: {why}; {len(extra)} filled " \
+                             f"from the global search"

@@ -1,0 +1,114 @@
+"""Search strategies: names and files, the gate, the re-ranking, and the note on a short class answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.index import Hit
+from pipeline.strategy import Strategy
+
+
+def classes(*probs: float) -> list[dict]:
+    """Class answers for classes 10, 11, ... with these probabilities."""
+    return [{"index": 10 + i, "synset": f"n{i}", "name": f"thing{i}", "probability": p} for i, p in enumerate(probs)]
+
+
+def hit(i: int, score: float, cls: int = 10) -> Hit:
+    return Hit(i, f"img{i}.jpg", None, cls, score)
+
+
+SIZES = {10: 2, 11: 40}.get
+
+
+def size(cls: int) -> int:
+    return SIZES(cls, 0)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("global", Strategy()),
+    ("class", Strategy("class", 1)),
+    ("class@3", Strategy("class", 3)),
+    ("gated:0.4", Strategy("gated", 1, tau=0.4)),
+    ("gated@2:0.25", Strategy("gated", 2, tau=0.25)),
+    ("rerank:0.1", Strategy("rerank", beta=0.1)),
+])
+def test_names_round_trip(name: str, expected: Strategy) -> None:
+    assert Strategy.parse(name) == expected
+    assert Strategy.parse(str(expected)) == expected
+    assert Strategy.from_json(expected.to_json()) == expected
+
+
+@pytest.mark.parametrize("bad", ["everything", "gated", "rerank", "global@2", "class@0", "class@9", "gated:x",
+                                 "rerank@2:0.1", "gated:1.2.3"])
+def test_bad_names_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Strategy.parse(bad)
+
+
+def test_load_reads_a_recommendation_file_and_defaults_to_global(tmp_path: Path) -> None:
+    path = tmp_path / "strategy.json"
+    path.write_text(json.dumps({"strategy": Strategy("gated", 1, tau=0.5).to_json(), "metric": "mAP@5"}))
+    assert Strategy.load(str(path)) == Strategy("gated", 1, tau=0.5)
+    assert Strategy.load(None) == Strategy()
+    assert Strategy.load(None, default=Strategy("class", 2)) == Strategy("class", 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        Strategy.load(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not a strategy"):
+        Strategy.load(str(tmp_path / "bad.json"))
+
+
+def test_the_gate_searches_the_class_only_when_the_classifier_is_sure() -> None:
+    gated = Strategy("gated", 1, tau=0.5)
+    assert gated.wants_class(classes(0.5, 0.1)) and not gated.wants_class(classes(0.49, 0.3))
+    assert Strategy("gated", 1, tau=0.0).wants_class(classes(0.0001))          # tau 0: class@1
+    assert not Strategy("gated", 1, tau=1.01).wants_class(classes(1.0))       # tau > 1: global
+    assert Strategy("class", 1).wants_class(classes(0.01))
+    assert not Strategy().wants_class(classes(0.99)) and not Strategy("rerank", beta=1).wants_class(classes(0.99))
+    assert Strategy("class", 2).searched_classes(classes(0.5, 0.3, 0.2)) == [10, 11]
+
+
+def test_a_full_class_answer_has_no_note_and_no_global_search() -> None:
+    strategy = Strategy("class", 1)
+    found = [hit(1, 0.9), hit(2, 0.8)]
+    assert not strategy.needs_global(found, 2)
+    assert strategy.finish(2, classes(0.6), found, None, size) == (found, None)
+
+
+def test_a_short_class_answer_is_filled_from_global_and_says_why() -> None:
+    strategy = Strategy("class", 1)
+    found = [hit(1, 0.9), hit(2, 0.8)]
+    assert strategy.needs_global(found, 5)
+    everywhere = [hit(1, 0.9), hit(7, 0.85, 11), hit(2, 0.8), hit(8, 0.7, 11), hit(9, 0.6, 12)]
+    hits, note = strategy.finish(5, classes(0.6), found, everywhere, size)
+    assert [h.id for h in hits] == [1, 2, 7, 8, 9]                       # class first, then global, no repeats
+    assert note == ("2 of 5 results from the class search: the predicted class 'thing0' has 2 gallery images; "
+                    "3 filled from the global search")
+    empty, note = strategy.finish(3, [{"index": 99, "name": "horse", "probability": 0.7}], [], everywhere, size)
+    assert [h.id for h in empty] == [1, 7, 2] and "'horse' has no gallery images; 3 filled" in note
+
+
+def test_without_fill_a_short_answer_stays_short_but_is_never_silent() -> None:
+    strategy = Strategy("class", 2, fill=False)
+    assert not strategy.needs_global([], 5)
+    two = classes(0.4, 0.3)
+    two[1]["index"] = 12                                   # a class with no gallery image
+    hits, note = strategy.finish(5, two, [hit(1, 0.9), hit(2, 0.8)], None, size)
+    assert len(hits) == 2 and note == ("2 of 5 results: the top 2 predicted classes ('thing0', 'thing1') have 2 "
+                                       "gallery images; search with fill or the global strategy for more")
+    # The classes hold enough images, but min_score dropped some: the note says so.
+    hits, note = strategy.finish(5, classes(0.4, 0.3), [hit(3, 0.5, 11)], None, size)
+    assert len(hits) == 1 and "have 42 gallery images, of which 1 pass min_score" in note
+
+
+def test_rerank_orders_global_candidates_by_similarity_plus_the_class_prior() -> None:
+    candidates = [hit(1, 0.90, cls=12), hit(2, 0.88, cls=10), hit(3, 0.80, cls=11), hit(4, 0.70, cls=10)]
+    query = classes(0.5, 0.1)                     # class 10: 0.5, class 11: 0.1, class 12: not in the top
+    assert Strategy("rerank", beta=0.0).finish(3, query, None, candidates, size)[0] == candidates[:3]
+    hits, note = Strategy("rerank", beta=0.1).finish(3, query, None, candidates, size)
+    assert [h.id for h in hits] == [2, 1, 3] and note is None   # re-ranked: 0.93, 0.90, 0.81 (4: 0.75)
+    assert [h.score for h in hits] == [0.88, 0.90, 0.80]        # scores stay the similarities
+    assert Strategy("rerank", beta=0.1).global_k(5) == 50 and Strategy().global_k(5) == 5
