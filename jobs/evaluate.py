@@ -57,17 +57,21 @@ from pipeline.evaluation import (
     split,
     write_grids,
 )
-from pipeline.files import write_json_atomically
+from pipeline.files import sha256_file, write_json_atomically
 from pipeline.index import IndexConfig, build_index
-from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, CropPolicy, load_detector, select_runtime
+from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, CropPolicy, as_spec, load_detector, select_runtime
 from pipeline.search import QueryEngine
 
 logger = logging.getLogger("jobs.evaluate")
 
 
 def build_gallery_index(out: Path, gallery: Path, classifier: str, embedder: str, split_key: str) -> Path:
-    """Runs the embedding job and builds the index for one embedder (reused when already built)."""
-    key = hashlib.sha1(f"{classifier}|{embedder}|{split_key}".encode()).hexdigest()[:12]
+    """Runs the embedding job and builds the index for one embedder (reused when already built with
+    the same models, weight files included: a re-trained embedder at the same path is re-embedded)."""
+    weights = [sha256_file(Path(w)) for w in (as_spec(classifier).weights, as_spec(embedder).weights)
+               if Path(w).is_file()]
+    key = hashlib.sha1((f"{classifier}|{embedder}|{split_key}" + (f"|{weights}" if weights else "")).encode()
+                       ).hexdigest()[:12]
     folder = out / "runs" / key
     index = folder / "index"
     if (index / "manifest.json").is_file():

@@ -23,8 +23,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.cluster]
 def cluster():
     from ray.cluster_utils import Cluster
 
-    # The dashboard serves the state API the test uses to find where replicas run.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    # The dashboard serves the state API the test uses to find where replicas run; on a free port, so
+    # that another Ray on the machine (a demo, a job) does not block it.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                            "dashboard_port": free_port()})
     nodes = {name: cluster.add_node(num_cpus=1, num_gpus=1, resources={name: 1}) for name in ("node_a", "node_b")}
     ray.init(address=cluster.address, logging_level="ERROR")
     cluster.wait_for_nodes()

@@ -56,7 +56,7 @@ def service(tmp_path_factory):
                          "crop_policy": ANY_BOX}),
               name="lookalike", route_prefix="/")
     serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4,
-                         "decode": "device"}), name="lookalike-device", route_prefix="/device")
+                         "decode": "device", "strategy": "class@2"}), name="lookalike-device", route_prefix="/device")
     yield {"url": f"http://127.0.0.1:{port}", "index": root / "index", "images": made["good"]}
     serve.shutdown()
     ray.shutdown()
@@ -137,7 +137,7 @@ def test_detection_crop_equals_the_offline_crop(service) -> None:
         candidates = near_best_crops(detector, engine.decode(data))
         assert any(max(abs(a - b) for a, b in zip(online["crop_box"], c)) <= 2 for c in candidates), \
             (online["crop_box"], candidates)
-        assert_answers_agree(online, engine, data, 3, "class@1")
+        assert_answers_agree(online, engine, data, 3, "global")  # the default strategy
         assert post(service, data, k=3).json()["crop_box"] is None  # the app's default is crop=off
 
 
@@ -233,6 +233,15 @@ def test_text_search_with_a_clip_embedder(service) -> None:
     assert requests.post(f"{service['url']}/search/text", params={"q": ""}, timeout=30).status_code == 422
 
 
+def test_the_strategy_defaults_to_the_configs_then_the_indexs_then_global(service) -> None:
+    data = service["images"][0].read_bytes()
+    assert post(service, data).json()["strategy"] == "global"             # no config, no index strategy
+    on_device = requests.post(f"{service['url']}/device/search", data=data, timeout=60).json()
+    assert on_device["strategy"] == "class@2"                              # the app's config
+    assert on_device["results"][0]["uri"] == str(service["images"][0])
+    assert post(service, data, strategy="gated@2:0.5", fill="false").json()["strategy"] == "gated@2:0.5"
+
+
 def test_model_overrides_that_differ_from_the_index_are_refused(service) -> None:
     from serve.app import build_app
 
@@ -240,6 +249,8 @@ def test_model_overrides_that_differ_from_the_index_are_refused(service) -> None
         build_app({"index": str(service["index"]), "embedder": TINY_CLASSIFIER})
     with pytest.raises(ValueError, match="cover shards"):
         build_app({"index": str(service["index"]), "retriever_shards": [[0]]})
+    with pytest.raises(ValueError, match="unknown strategy"):
+        build_app({"index": str(service["index"]), "strategy": "best"})
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
