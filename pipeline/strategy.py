@@ -3,7 +3,7 @@
     global          embedding similarity over the whole gallery (the default: see README's table)
     class@N         Approach 2: among the gallery images of the query's top N predicted classes
     gated@N:TAU     class@N when the classifier's top-1 probability is at least TAU, else global
-                    (TAU = 0 is class@N, TAU > 1 never searches a class: global)
+                    (TAU = 0 is class@N; TAU >= 1 never searches a class: global)
     rerank:BETA     the global top ``candidates`` re-ordered by similarity + BETA x the query's
                     probability of each candidate's class (BETA = 0 is global)
 
@@ -131,7 +131,7 @@ class Strategy:
         """Whether this query searches its predicted classes (``classes``: its class answers, best first)."""
         if self.kind == "class":
             return True
-        return self.kind == "gated" and bool(classes) and classes[0]["probability"] >= self.tau
+        return self.kind == "gated" and self.tau < 1 and bool(classes) and classes[0]["probability"] >= self.tau
 
     def searched_classes(self, classes: Sequence[dict]) -> list[int]:
         return [c["index"] for c in classes[: self.top_n]]

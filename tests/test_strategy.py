@@ -1,12 +1,15 @@
-"""Search strategies: names and files, the gate, the re-ranking, and the note on a short class answer."""
+"""Search strategies: names and files, the gate, the re-ranking, the note on a short class answer, and
+the calibration's sweep, folds and recommendation rule."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from pipeline.evaluation import RERANK_BETAS, calibration_folds, recommend, strategy_grid
 from pipeline.index import Hit
 from pipeline.strategy import Strategy
 
@@ -65,7 +68,7 @@ def test_the_gate_searches_the_class_only_when_the_classifier_is_sure() -> None:
     gated = Strategy("gated", 1, tau=0.5)
     assert gated.wants_class(classes(0.5, 0.1)) and not gated.wants_class(classes(0.49, 0.3))
     assert Strategy("gated", 1, tau=0.0).wants_class(classes(0.0001))          # tau 0: class@1
-    assert not Strategy("gated", 1, tau=1.01).wants_class(classes(1.0))       # tau > 1: global
+    assert not Strategy("gated", 1, tau=1.0).wants_class(classes(1.0))        # tau 1: global
     assert Strategy("class", 1).wants_class(classes(0.01))
     assert not Strategy().wants_class(classes(0.99)) and not Strategy("rerank", beta=1).wants_class(classes(0.99))
     assert Strategy("class", 2).searched_classes(classes(0.5, 0.3, 0.2)) == [10, 11]
@@ -112,3 +115,29 @@ def test_rerank_orders_global_candidates_by_similarity_plus_the_class_prior() ->
     assert [h.id for h in hits] == [2, 1, 3] and note is None   # re-ranked: 0.93, 0.90, 0.81 (4: 0.75)
     assert [h.score for h in hits] == [0.88, 0.90, 0.80]        # scores stay the similarities
     assert Strategy("rerank", beta=0.1).global_k(5) == 50 and Strategy().global_k(5) == 5
+
+
+def test_calibration_folds_split_every_class_in_halves_seeded() -> None:
+    labels = np.array(["a"] * 6 + ["b"] * 5 + ["c"] * 2, dtype=object)
+    folds = calibration_folds(labels, seed=0)
+    for label, size in (("a", 6), ("b", 5), ("c", 2)):
+        assert sorted(np.bincount(folds[labels == label], minlength=2)) == [size // 2, size - size // 2]
+    np.testing.assert_array_equal(calibration_folds(labels, seed=0), folds)
+
+
+def test_the_recommendation_is_global_unless_another_gains_enough() -> None:
+    assert recommend([0.70, 0.71, 0.69], min_gain=0.005) == 1
+    assert recommend([0.70, 0.704, 0.69], min_gain=0.005) == 0          # a gain within the noise
+    assert recommend([0.70, 0.75, 0.75], min_gain=0.005) == 1           # equals: the simpler (earlier) one
+    assert recommend([0.70, 0.60], min_gain=-1) == 0
+
+
+def test_the_sweep_covers_every_strategy_and_both_ends_of_the_gate() -> None:
+    top1 = np.linspace(0.01, 0.99, 101)
+    grid = strategy_grid(top1, top_n=3)
+    names = [str(s) for s in grid]
+    assert names[:3] == ["global", "class@1", "class@3"] and len(set(names)) == len(names)
+    taus = [s.tau for s in grid if s.kind == "gated" and s.top_n == 1]
+    assert len(taus) == 19 and 0.05 < min(taus) < 0.1 and 0.9 < max(taus) < 0.95
+    assert {s.top_n for s in grid if s.kind == "gated"} == {1, 3}
+    assert [s.beta for s in grid if s.kind == "rerank"] == list(RERANK_BETAS)
