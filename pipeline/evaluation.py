@@ -216,7 +216,7 @@ def evaluate_engine(engine, images: list[bytes], query_labels: np.ndarray, n_rel
     chosen = []
     for fold in (0, 1):
         train, test = folds != fold, folds == fold
-        pick = recommend([map_or_metric(run["retrieved"][train], query_labels[train], n_relevant[train], metric)
+        pick = recommend([metric_value(run["retrieved"][train], query_labels[train], n_relevant[train], metric)
                           for run in runs], config.min_gain)
         chosen.append(str(grid[pick]))
         held_out[test] = runs[pick]["retrieved"][test]
@@ -249,7 +249,7 @@ def evaluate_engine(engine, images: list[bytes], query_labels: np.ndarray, n_rel
     return rows, calibration
 
 
-def map_or_metric(retrieved: np.ndarray, query_labels: np.ndarray, n_relevant: np.ndarray, metric: str) -> float:
+def metric_value(retrieved: np.ndarray, query_labels: np.ndarray, n_relevant: np.ndarray, metric: str) -> float:
     """One metric (``mAP@k``, ``P@k`` or ``R@k``) of retrieved labels, unrounded."""
     name, k = metric.split("@")
     k = int(k)
