@@ -25,7 +25,6 @@ from pipeline.models import Detector, ImageModels, Runtime, crop_image, load_ima
 from pipeline.strategy import Strategy
 
 
-
 @dataclass(frozen=True)
 class QueryPreprocess:
     """How a query image is decoded and resized: exactly as the index's gallery was."""

@@ -223,6 +223,11 @@ async def _ask(method, *args, attempts: int = 3):
             await asyncio.sleep(0.2 * (attempt + 1))
 
 
+def _results(hits: list[Hit]) -> list[dict]:
+    """Hits as the API returns them: with the URL of their thumbnail (looked up by id)."""
+    return [h.to_json() | {"thumbnail": f"/images/{h.id}"} for h in hits]
+
+
 def _image_size(data: bytes) -> list[int]:
     """[height, width] of an image as decoded (EXIF rotation applied), from its header only."""
     with Image.open(io.BytesIO(data)) as img:
@@ -301,7 +306,7 @@ class Ingress:
         if strategy.needs_global(class_hits, k):
             global_hits = await self._merge(vector, [], strategy.global_k(k), "global", min_score)
         hits, note = strategy.finish(k, classes, class_hits, global_hits, self.manifest.class_size)
-        return [h.to_json() | {"thumbnail": f"/images/{h.id}"} for h in hits], note
+        return _results(hits), note
 
     @app.post("/search")
     async def search(self, request: Request, k: int = Query(5, ge=1, le=100),
@@ -345,7 +350,7 @@ class Ingress:
         vector = await _ask(self.embedder.embed_text, q)
         hits = await self._merge(vector, [], k, "global", min_score)
         return JSONResponse({"strategy": "global", "query": q,
-                             "results": [h.to_json() | {"thumbnail": f"/images/{h.id}"} for h in hits]})
+                             "results": _results(hits)})
 
     @app.get("/images/{image_id}")
     async def image(self, image_id: int, size: int = Query(256, ge=16, le=1024)) -> Response:
