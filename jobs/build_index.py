@@ -1,12 +1,14 @@
 """Build (or extend) a class-sharded FAISS index from an embedding job's output.
 
     python -m jobs.build_index --embeddings OUT --output INDEX [--shard-size N]
-                               [--global-index auto|flat|ivf|ivfpq|hnsw] [--append] [--ray]
-                               [--strategy NAME|FILE]
+                               [--global-index auto|flat|hnsw-sq8|ivf|ivfpq|hnsw] [--head-min-rows N]
+                               [--vector-dtype float32|float16] [--ef-search N] [--rerank N]
+                               [--append] [--ray] [--strategy NAME|FILE]
     python -m jobs.build_index --output INDEX --strategy NAME|FILE     # set it on an existing index
 
 Rows are grouped by top-1 predicted class; each class gets a contiguous range inside one shard;
-shards are cut at class boundaries. ``--append`` adds a new embedding output to an existing index,
+shards are cut at class boundaries. Classes of at least ``--head-min-rows`` images get their own
+HNSW index for class-restricted search. ``--append`` adds a new embedding output to an existing index,
 rebuilding only the shards whose classes gained images. ``--ray`` builds shards in parallel as
 Ray tasks (for large builds; connects to the cluster under ``ray job submit``). ``--strategy``
 records the search strategy that ``jobs.search`` and the service use by default (a name, or the
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import ray
 
-from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, append_index, build_index
+from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, SearchParams, append_index, build_index
+from pipeline.index.faiss_index import HEAD_MIN_ROWS
 from pipeline.manifests import IndexManifest
 from pipeline.strategy import Strategy
 
@@ -50,11 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="index folder")
     parser.add_argument("--shard-size", type=int, default=1_000_000, help="most rows per shard (default: 1000000)")
     parser.add_argument("--global-index", default="auto", choices=GLOBAL_INDEX_TYPES,
-                        help="global search index per shard (auto: exact up to 50k rows, IVF above)")
+                        help="global search index per shard (auto: exact up to 50k rows, hnsw-sq8 above)")
+    parser.add_argument("--head-min-rows", type=int, default=HEAD_MIN_ROWS,
+                        help=f"classes with at least this many images get their own HNSW index; 0: none "
+                             f"(default: {HEAD_MIN_ROWS})")
     parser.add_argument("--nlist", type=int, help="IVF lists per shard (default: ~4 sqrt(rows))")
     parser.add_argument("--pq-m", type=int, default=32, help="IVF-PQ sub-quantisers (default: 32)")
     parser.add_argument("--vector-dtype", default="float32", choices=["float32", "float16"],
-                        help="storage of the vectors for class-restricted search")
+                        help="storage of the vectors (exact scans and re-scoring); float16 halves their bytes")
+    defaults = SearchParams()
+    parser.add_argument("--ef-search", type=int, default=defaults.ef_search,
+                        help=f"HNSW search breadth recorded for queries (default: {defaults.ef_search})")
+    parser.add_argument("--rerank", type=int, default=defaults.rerank,
+                        help=f"approximate candidates per result, re-scored exactly (default: {defaults.rerank})")
+    parser.add_argument("--nprobe", type=int, default=defaults.nprobe,
+                        help=f"IVF lists visited per query (default: {defaults.nprobe})")
     parser.add_argument("--append", action="store_true", help="add to the existing index at --output")
     parser.add_argument("--ray", action="store_true", help="build shards in parallel as Ray tasks")
     parser.add_argument("--strategy", help="default search strategy: global, class[@N], gated[@N]:TAU, rerank:BETA "
@@ -62,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         strategy = None if args.strategy is None else Strategy.load(args.strategy).to_json()
+        search = SearchParams(ef_search=args.ef_search, nprobe=args.nprobe, rerank=args.rerank)
+        config = IndexConfig(shard_size=args.shard_size, global_index=args.global_index, nlist=args.nlist,
+                             pq_m=args.pq_m, head_min_rows=args.head_min_rows or None)
     except ValueError as exc:
         parser.error(str(exc))
     if args.embeddings is None:
@@ -82,21 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.append:
             manifest = append_index(args.embeddings, args.output, mapper=mapper, strategy=strategy)
         else:
-            config = IndexConfig(shard_size=args.shard_size, global_index=args.global_index, nlist=args.nlist,
-                                 pq_m=args.pq_m)
             manifest = build_index(args.embeddings, args.output, config, args.vector_dtype, mapper=mapper,
-                                   strategy=strategy)
+                                   strategy=strategy, search=search)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     kinds = sorted({s["index_type"] for s in manifest.shards})
+    heads = sum(len(s.get("heads", [])) for s in manifest.shards)
     summary = {"rows": manifest.rows, "classes": len(manifest.classes), "shards": len(manifest.shards),
-               "global_index": kinds, "seconds": round(seconds, 2)}
+               "global_index": kinds, "head_indexes": heads, "seconds": round(seconds, 2)}
     (args.output / "build_summary.json").write_text(json.dumps(summary, indent=2))
     default = (manifest.strategy or {}).get("name", "global")
     print(f"index {args.output.resolve()}: {summary['rows']} images, {summary['classes']} classes, "
-          f"{summary['shards']} shards ({', '.join(kinds)}), built in {seconds:.1f} s; default strategy {default}")
+          f"{summary['shards']} shards ({', '.join(kinds)}), {heads} head-class indexes, built in {seconds:.1f} s; default strategy {default}")
     return 0
 
 

@@ -152,6 +152,8 @@ class IndexManifest:
         max_pixels: the decode limit the gallery was embedded with; queries use the same.
         strategy: the search strategy queries use by default (``pipeline.strategy.Strategy.to_json``,
             from ``jobs.build_index --strategy``); None: global.
+        search: how approximate indexes are searched (``pipeline.index.SearchParams`` fields);
+            None: the defaults.
     """
 
     models: ModelSet
@@ -165,6 +167,7 @@ class IndexManifest:
     max_pixels: int = DEFAULT_MAX_PIXELS
     metric: str = "inner_product"
     strategy: dict | None = None
+    search: dict | None = None
     created: str = field(default_factory=now)
     schema_version: int = INDEX_SCHEMA_VERSION
 
@@ -199,4 +202,4 @@ class IndexManifest:
                    config=dict(raw["config"]), sources=list(raw["sources"]), rows=int(raw["rows"]),
                    classes=dict(raw["classes"]), shards=list(raw["shards"]),
                    max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)), metric=raw.get("metric", "inner_product"),
-                   strategy=raw.get("strategy"), created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)
+                   strategy=raw.get("strategy"), search=raw.get("search"), created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)

@@ -18,6 +18,7 @@ from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from pipeline.index import (
     IndexConfig,
     IndexIntegrityError,
+    SearchParams,
     ShardedIndex,
     append_index,
     build_index,
@@ -159,7 +160,7 @@ def test_approximate_global_search_recall(tmp_path: Path) -> None:
     index = ShardedIndex.load(tmp_path / "index")
     assert index.manifest.shards[0]["index_type"] == "ivf"
     queries = data["embedding"][np.random.default_rng(4).choice(len(data["id"]), 100, replace=False)]
-    got = [[h.id for h in hits] for hits in index.search_global(queries, k=10, nprobe=16)]
+    got = [[h.id for h in hits] for hits in index.search_global(queries, k=10, search=SearchParams(nprobe=16))]
     expected = brute_force(data, queries, 10)
     recall = np.mean([len(set(g) & set(e)) / 10 for g, (e, _) in zip(got, expected)])
     assert recall >= 0.95, recall
@@ -256,23 +257,88 @@ def test_append_refuses_other_models(tmp_path: Path, gallery) -> None:
         append_index(other, copy)
 
 
-def test_large_classes_can_go_through_the_ivf_index(tmp_path: Path) -> None:
-    """Above exact_max_rows, a class is searched via the shard's IVF index restricted to its range:
-    the hits stay inside the class and agree with the exact scan."""
-    data = synthetic(8000, classes=4, seed=21)
+def test_head_classes_get_their_own_index(tmp_path: Path) -> None:
+    """Classes of at least head_min_rows images get an HNSW index beside the shard; a class search
+    goes through it, stays inside the class, agrees with the exact scan, and its scores are exact
+    similarities (re-scored from vectors.npy). Smaller classes are still scanned exactly."""
+    data = synthetic(6000, classes=12, seed=21)
+    sizes = np.bincount(data["classes"][:, 0])
     emb = write_embeddings(tmp_path / "emb", data)
-    build_index(emb, tmp_path / "index", IndexConfig(global_index="ivf", nlist=32))
+    manifest = build_index(emb, tmp_path / "index", IndexConfig(head_min_rows=int(np.sort(sizes)[6])))
+    heads = manifest.shards[0]["heads"]
+    assert heads == sorted(np.flatnonzero(sizes >= np.sort(sizes)[6]).tolist()) and 0 < len(heads) < 12
+    assert all(f"head-{c:06d}.faiss" in manifest.shards[0]["files"] for c in heads)
     index = ShardedIndex.load(tmp_path / "index")
+    exact = ShardedIndex.load(tmp_path / "index")
+    for shard in exact._shards.values():
+        shard.heads = {}
     rng = np.random.default_rng(22)
-    picks = rng.choice(len(data["id"]), 40, replace=False)
+    picks = rng.choice(len(data["id"]), 60, replace=False)
     queries, classes = data["embedding"][picks], data["classes"][picks, :1]
-    exact = index.search_class(queries, classes, k=10)
-    approx = index.search_class(queries, classes, k=10, exact_max_rows=100, nprobe=8)
-    recall = np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(approx, exact)])
-    assert recall >= 0.9, recall
-    for hits, cls in zip(approx, classes[:, 0]):
+    got, expected = index.search_class(queries, classes, k=10), exact.search_class(queries, classes, k=10)
+    recall = np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(got, expected)])
+    assert recall >= 0.95, recall
+    by_id = dict(zip(data["id"].tolist(), data["embedding"]))
+    for hits, query, cls in zip(got, queries, classes[:, 0]):
         assert len(hits) == 10 and all(h.cls == cls for h in hits)
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        np.testing.assert_allclose([h.score for h in hits], [by_id[h.id] @ query for h in hits], atol=1e-5)
+    small = [q for q, c in enumerate(classes[:, 0]) if c not in heads]
+    assert small
+    assert_hits_equal([got[q] for q in small], hit_lists([expected[q] for q in small]))
+    # a corrupted head index is named like the shard's other files
+    target = tmp_path / "index" / "shards" / "0000" / f"head-{heads[0]:06d}.faiss"
+    raw = bytearray(target.read_bytes())
+    raw[-3] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    with pytest.raises(IndexIntegrityError, match=f"head-{heads[0]:06d}.faiss is corrupted"):
+        ShardedIndex.load(tmp_path / "index")
+
+
+def test_hnsw_global_search_rescores_exactly(tmp_path: Path) -> None:
+    """The HNSW index over 8-bit codes (the default above 50k rows) finds the exact neighbours
+    nearly always, and its scores are exact similarities, so shards of any type merge correctly;
+    the search parameters come from the manifest unless the caller gives its own."""
+    data = synthetic(5000, classes=20, seed=31)
+    emb = write_embeddings(tmp_path / "emb", data)
+    manifest = build_index(emb, tmp_path / "index", IndexConfig(shard_size=2000, global_index="hnsw-sq8"),
+                           search=SearchParams(ef_search=64, rerank=3))
+    assert {s["index_type"] for s in manifest.shards} == {"hnsw-sq8"} and len(manifest.shards) > 1
+    index = ShardedIndex.load(tmp_path / "index")
+    assert index.search_params == SearchParams(ef_search=64, rerank=3)
+    queries = unit(np.random.default_rng(32).normal(size=(50, DIM)))
+    got = index.search_global(queries, k=10)
+    expected = brute_force(data, queries, 10)
+    recall = np.mean([len({h.id for h in g} & set(e)) / 10 for g, (e, _) in zip(got, expected)])
+    assert recall >= 0.95, recall
+    by_id = dict(zip(data["id"].tolist(), data["embedding"]))
+    for hits, query in zip(got, queries):
+        np.testing.assert_allclose([h.score for h in hits], [by_id[h.id] @ query for h in hits], atol=1e-5)
+    narrow = index.search_global(queries, k=10, search=SearchParams(ef_search=1, rerank=1))
+    assert all(len(hits) == 10 for hits in narrow)
+    with pytest.raises(ValueError, match="rerank must be >= 1"):
+        SearchParams(rerank=0)
+
+
+def test_float16_vectors_halve_the_bytes_and_keep_the_ranking(tmp_path: Path) -> None:
+    """float16 storage: vectors.npy is half the size, class scans (FAISS over the half floats)
+    and global searches return the float32 index's results up to float16 rounding."""
+    data = synthetic(3000, classes=10, seed=41)
+    emb = write_embeddings(tmp_path / "emb", data)
+    config = IndexConfig(head_min_rows=None)
+    m32 = build_index(emb, tmp_path / "f32", config)
+    m16 = build_index(emb, tmp_path / "f16", config, dtype="float16")
+    b32, b16 = m32.shards[0]["files"]["vectors.npy"]["bytes"], m16.shards[0]["files"]["vectors.npy"]["bytes"]
+    assert b16 - 128 == (b32 - 128) // 2 == 3000 * DIM * 2
+    f32, f16 = ShardedIndex.load(tmp_path / "f32"), ShardedIndex.load(tmp_path / "f16")
+    rng = np.random.default_rng(42)
+    queries = unit(rng.normal(size=(40, DIM)))
+    classes = rng.integers(0, 10, (40, 2))
+    for a, b in [(f16.search_class(queries, classes, k=10), f32.search_class(queries, classes, k=10)),
+                 (f16.search_global(queries, k=10), f32.search_global(queries, k=10))]:
+        for ha, hb in zip(a, b):
+            np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], atol=2e-3)
+            assert len({h.id for h in ha} & {h.id for h in hb}) >= 9
 
 
 def test_max_pixels_travels_from_the_embeddings_to_every_query_path(tmp_path: Path) -> None:

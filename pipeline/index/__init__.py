@@ -5,17 +5,27 @@ Layout of an index folder::
     manifest.json                 models, metric, dim, class -> (shard, start, end), files + sha256
     shards/0000/vectors.npy       this shard's embeddings, rows sorted by (class, id); memory-mapped
     shards/0000/rows.parquet      position -> id, uri, label, class, class_prob
-    shards/0000/index.faiss       global-search index over the same rows (flat, IVF, IVF-PQ or HNSW)
+    shards/0000/index.faiss       global-search index over the same rows (flat up to 50k rows,
+                                  HNSW over 8-bit codes above; IVF, IVF-PQ or HNSW-Flat on request)
+    shards/0000/head-000042.faiss a head class's own HNSW index (classes of >= head_min_rows rows)
 
 Rows are sorted by top-1 predicted class, so every class is one contiguous position range inside
 one shard, and a shard is a run of whole classes. A class-restricted search (Approach 2: classify,
-then rank the predicted class's images) is an exact scan of one small slice of ``vectors.npy``;
-a global search queries every shard's FAISS index and merges by score.
+then rank the predicted class's images) is an exact scan of one slice of ``vectors.npy``, or, for
+a head class, a search of its own index; a global search queries every shard's index with the
+whole batch of queries and merges by score. Approximate candidates are re-scored exactly from
+``vectors.npy`` (float32, or float16 at half the bytes); ``SearchParams`` holds the search settings.
 """
 
 from pipeline.index.build import ROW_SCHEMA, append_index, build_index, plan_shards, write_shard
-from pipeline.index.faiss_index import GLOBAL_INDEX_TYPES, IndexConfig, build_faiss_index, choose_index_type
+from pipeline.index.faiss_index import (
+    GLOBAL_INDEX_TYPES,
+    IndexConfig,
+    SearchParams,
+    build_faiss_index,
+    choose_index_type,
+)
 from pipeline.index.reader import Hit, IndexIntegrityError, ShardedIndex
 
-__all__ = ["GLOBAL_INDEX_TYPES", "ROW_SCHEMA", "Hit", "IndexConfig", "IndexIntegrityError", "ShardedIndex",
+__all__ = ["GLOBAL_INDEX_TYPES", "ROW_SCHEMA", "Hit", "IndexConfig", "IndexIntegrityError", "SearchParams", "ShardedIndex",
            "append_index", "build_faiss_index", "build_index", "choose_index_type", "plan_shards", "write_shard"]

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
-from pipeline.index.faiss_index import IndexConfig, build_faiss_index, choose_index_type
+from pipeline.index.faiss_index import IndexConfig, SearchParams, build_faiss_index, choose_index_type, head_file
 from pipeline.manifests import EmbeddingManifest, IndexManifest
 
 ROW_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
@@ -69,19 +69,28 @@ def write_shard(directory: Path, rows: pa.Table, vectors: np.ndarray, config: In
     pq.write_table(rows, tmp / "rows.parquet")
     kind = choose_index_type(len(vectors), config)
     faiss.write_index(build_faiss_index(vectors, kind, config), str(tmp / "index.faiss"))
+    ranges = class_ranges(rows.column("class").to_numpy())
+    heads = [cls for cls, (start, end) in ranges.items()
+             if config.head_min_rows is not None and end - start >= config.head_min_rows]
+    for cls in heads:
+        start, end = ranges[cls]
+        faiss.write_index(build_faiss_index(vectors[start:end], "hnsw-sq8", config), str(tmp / head_file(cls)))
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
-    classes = rows.column("class").to_numpy()
-    ranges = {}
-    if len(classes):
-        starts = np.flatnonzero(np.r_[True, classes[1:] != classes[:-1]])
-        ends = np.r_[starts[1:], len(classes)]
-        ranges = {int(classes[s]): [int(s), int(e)] for s, e in zip(starts, ends)}
-    files = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-             for name in ("vectors.npy", "rows.parquet", "index.faiss")}
+    files = {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+             for path in sorted(directory.iterdir())}
     return {"path": f"shards/{directory.name}", "rows": int(len(vectors)), "index_type": kind,
-            "classes": ranges, "files": files}
+            "classes": ranges, "heads": heads, "files": files}
+
+
+def class_ranges(classes: np.ndarray) -> dict[int, list[int]]:
+    """Class -> [start, end) position range, for positions sorted by class."""
+    if not len(classes):
+        return {}
+    starts = np.flatnonzero(np.r_[True, classes[1:] != classes[:-1]])
+    ends = np.r_[starts[1:], len(classes)]
+    return {int(classes[s]): [int(s), int(e)] for s, e in zip(starts, ends)}
 
 
 def _read_embedding_parts(parts: Iterable[Path], columns: list[str]) -> Iterable[pa.Table]:
@@ -192,10 +201,10 @@ def build_shard_from_bucket(bucket: Path, directory: Path, config: IndexConfig, 
 
 def write_index_manifest(index_dir: Path, shards: list[dict], source: EmbeddingManifest | IndexManifest,
                          config: IndexConfig, dim: int, dtype: str, sources: list[str],
-                         strategy: dict | None = None) -> IndexManifest:
+                         strategy: dict | None = None, search: SearchParams | None = None) -> IndexManifest:
     """Writes the index ``manifest.json``: the shards, where each class lies, the models and
-    decode limit of ``source`` (the embedding output, or the index being appended to), and the
-    default search strategy."""
+    decode limit of ``source`` (the embedding output, or the index being appended to), the
+    default search strategy and the search parameters."""
     class_map = {}
     for number, shard in enumerate(shards):
         for cls, (start, end) in shard["classes"].items():
@@ -203,6 +212,7 @@ def write_index_manifest(index_dir: Path, shards: list[dict], source: EmbeddingM
     manifest = IndexManifest(
         models=source.models, dim=dim, vector_dtype=dtype, config=dataclasses.asdict(config), sources=sources,
         rows=sum(s["rows"] for s in shards), classes=class_map, max_pixels=source.max_pixels, strategy=strategy,
+        search=(search or SearchParams()).to_json(),
         shards=[{k: v for k, v in s.items() if k != "classes"} | {"classes": len(s["classes"])} for s in shards])
     manifest.write(index_dir)
     return manifest
@@ -217,7 +227,8 @@ def _shard_jobs_map(jobs: list[tuple], mapper) -> list[dict]:
 
 
 def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: IndexConfig = IndexConfig(),
-                dtype: str = "float32", mapper=map, strategy: dict | None = None) -> dict:
+                dtype: str = "float32", mapper=map, strategy: dict | None = None,
+                search: SearchParams | None = None) -> dict:
     """Builds a class-sharded index from an embedding job's output.
 
     Args:
@@ -227,6 +238,7 @@ def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: Index
         dtype: storage type of the vectors (``float32`` or ``float16``).
         mapper: ``map``-like callable running the per-shard builds (e.g. in parallel on Ray).
         strategy: the default search strategy (``Strategy.to_json()``) recorded in the manifest.
+        search: the search parameters recorded in the manifest (default: ``SearchParams()``).
 
     Returns:
         the index manifest.
@@ -252,7 +264,7 @@ def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: Index
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return write_index_manifest(index_dir, entries, source, config, dim, dtype, [str(embeddings_dir.resolve())],
-                                strategy)
+                                strategy, search)
 
 
 def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map, strategy: dict | None = None) -> dict:
@@ -303,4 +315,4 @@ def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map, 
             entries.append(entry)
     return write_index_manifest(index_dir, entries, old, config, old.dim, old.vector_dtype,
                                 old.sources + [str(embeddings_dir.resolve())],
-                                old.strategy if strategy is None else strategy)
+                                old.strategy if strategy is None else strategy, SearchParams.from_json(old.search))

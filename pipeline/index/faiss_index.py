@@ -1,19 +1,22 @@
-"""FAISS index types for a shard's global search: the settings, the automatic choice by size, the
-construction, and the search parameters."""
+"""FAISS index types for a shard's global search and its head classes: the build settings, the
+automatic choice by size, the construction, and the search parameters (``SearchParams``, the one
+place they are set)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
-GLOBAL_INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq", "hnsw")
-#: "auto" keeps exact (flat) search for shards up to this many rows, IVF above.
+GLOBAL_INDEX_TYPES = ("auto", "flat", "hnsw-sq8", "ivf", "ivfpq", "hnsw")
+#: "auto" keeps exact (flat) search for shards up to this many rows, HNSW over 8-bit codes above.
 AUTO_FLAT_MAX_ROWS = 50_000
-#: "auto" switches from IVF-Flat to IVF-PQ above this many rows per shard.
-AUTO_IVFPQ_MIN_ROWS = 5_000_000
+#: Classes with at least this many rows get their own HNSW index (``IndexConfig.head_min_rows``);
+#: chosen with ``python -m jobs.benchmark index`` (README, "Index at scale").
+HEAD_MIN_ROWS = 5_000
 
 
 @dataclass(frozen=True)
@@ -23,19 +26,26 @@ class IndexConfig:
     Attributes:
         shard_size: most rows per shard (a class larger than this gets a shard of its own; classes
             are never split).
-        global_index: ``auto``, ``flat``, ``ivf``, ``ivfpq`` or ``hnsw``.
+        global_index: ``auto``, ``flat``, ``hnsw-sq8`` (HNSW graph over 8-bit scalar-quantised
+            codes; results re-scored exactly from ``vectors.npy``), ``ivf``, ``ivfpq`` or ``hnsw``
+            (HNSW over float32 copies).
+        head_min_rows: classes with at least this many rows get their own ``hnsw-sq8`` index for
+            class-restricted search (smaller classes are scanned exactly); None: none.
         nlist: IVF lists (None: about 4 * sqrt(rows), at most rows / 39).
         pq_m: IVF-PQ sub-quantisers (must divide the dimension).
         hnsw_m: HNSW graph degree.
-        train_size: vectors sampled to train IVF quantisers.
+        ef_construction: HNSW build breadth.
+        train_size: vectors sampled to train IVF and scalar quantisers.
         seed: sampling seed.
     """
 
     shard_size: int = 1_000_000
     global_index: str = "auto"
+    head_min_rows: int | None = HEAD_MIN_ROWS
     nlist: int | None = None
     pq_m: int = 32
     hnsw_m: int = 32
+    ef_construction: int = 80
     train_size: int = 100_000
     seed: int = 0
 
@@ -46,6 +56,56 @@ class IndexConfig:
             raise ValueError(f"global_index must be one of {GLOBAL_INDEX_TYPES}, got {self.global_index!r}")
         if self.nlist is not None and self.nlist < 1:
             raise ValueError(f"nlist must be >= 1, got {self.nlist}")
+        if self.head_min_rows is not None and self.head_min_rows < 1:
+            raise ValueError(f"head_min_rows must be >= 1 (or None for no head indexes), got {self.head_min_rows}")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """How approximate indexes are searched; the one place these are set. An index records the ones
+    it was built with (manifest ``search``); ``ShardedIndex.load(search=...)`` overrides them.
+
+    Attributes:
+        ef_search: HNSW search breadth (global and head-class indexes).
+        nprobe: IVF lists visited per shard.
+        rerank: an approximate index returns ``rerank * k`` candidates, re-scored exactly from
+            ``vectors.npy`` (so every score is an exact similarity) and the best k kept.
+    """
+
+    ef_search: int = 128
+    nprobe: int = 32
+    rerank: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("ef_search", "nprobe", "rerank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_json(cls, raw: dict | None) -> "SearchParams":
+        return cls(**(raw or {}))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def candidates(self, k: int) -> int:
+        """How many candidates to take from an approximate index for ``k`` results."""
+        return max(k * self.rerank, k)
+
+    def faiss_params(self, index: faiss.Index, n: int) -> faiss.SearchParameters | None:
+        """Per-call FAISS parameters for taking ``n`` results from ``index`` (None: it needs none).
+        Passed with each search, so concurrent searches never change a shared index."""
+        if hasattr(index, "hnsw"):
+            return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, n))
+        ivf = ivf_of(index)
+        if ivf is not None:
+            return faiss.SearchParametersIVF(nprobe=min(self.nprobe, ivf.nlist))
+        return None
+
+
+def head_file(cls: int) -> str:
+    """The file of a head class's own index inside its shard folder."""
+    return f"head-{cls:06d}.faiss"
 
 
 def nlist_for(rows: int, config: IndexConfig) -> int:
@@ -59,9 +119,12 @@ def choose_index_type(rows: int, config: IndexConfig) -> str:
     """The global index type for a shard of ``rows`` vectors."""
     if config.global_index != "auto":
         return config.global_index
-    if rows <= AUTO_FLAT_MAX_ROWS:
-        return "flat"
-    return "ivf" if rows < AUTO_IVFPQ_MIN_ROWS else "ivfpq"
+    return "flat" if rows <= AUTO_FLAT_MAX_ROWS else "hnsw-sq8"
+
+
+def is_exact(kind: str) -> bool:
+    """Whether an index of this kind returns exact scores (no re-scoring needed)."""
+    return kind == "flat"
 
 
 def build_faiss_index(vectors: np.ndarray, kind: str, config: IndexConfig) -> faiss.Index:
@@ -71,7 +134,11 @@ def build_faiss_index(vectors: np.ndarray, kind: str, config: IndexConfig) -> fa
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
+        index.hnsw.efConstruction = config.ef_construction
+    elif kind == "hnsw-sq8":
+        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.ef_construction
+        index.train(_training_sample(vectors, config))
     elif kind in ("ivf", "ivfpq"):
         nlist = nlist_for(rows, config)
         quantizer = faiss.IndexFlatIP(dim)
@@ -81,9 +148,7 @@ def build_faiss_index(vectors: np.ndarray, kind: str, config: IndexConfig) -> fa
             if dim % config.pq_m:
                 raise ValueError(f"pq_m={config.pq_m} must divide the dimension {dim}")
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, config.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(config.seed)
-        sample = vectors if rows <= config.train_size else vectors[np.sort(rng.choice(rows, config.train_size, replace=False))]
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.train(_training_sample(vectors, config))
         index.quantizer_trains_alone = 0
     else:
         raise ValueError(f"unknown index type {kind!r}")
@@ -92,22 +157,18 @@ def build_faiss_index(vectors: np.ndarray, kind: str, config: IndexConfig) -> fa
     return index
 
 
+def _training_sample(vectors: np.ndarray, config: IndexConfig) -> np.ndarray:
+    rows = len(vectors)
+    if rows > config.train_size:
+        vectors = vectors[np.sort(np.random.default_rng(config.seed).choice(rows, config.train_size, replace=False))]
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
 def ivf_of(index: faiss.Index):
     try:
         return faiss.extract_index_ivf(index)
     except (RuntimeError, TypeError):
         return None
-
-
-def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
-    try:
-        ivf = faiss.extract_index_ivf(index)
-        ivf.nprobe = min(nprobe, ivf.nlist)
-    except (RuntimeError, TypeError):
-        pass
-    if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = ef_search
-
 
 
 def faiss_uses_gpu(use_gpu: str) -> bool:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
-from pipeline.index.faiss_index import faiss_uses_gpu, ivf_of, set_search_params
+from pipeline.index.faiss_index import SearchParams, faiss_uses_gpu, head_file, is_exact
 from pipeline.manifests import IndexManifest
 
 
@@ -40,27 +40,41 @@ class IndexIntegrityError(ValueError):
 
 @dataclass
 class Shard:
+    """One loaded shard.
+
+    Attributes:
+        vectors: (rows, dim) embeddings, memory-mapped (float32 or float16).
+        index: the global-search FAISS index over all rows.
+        heads: class -> its own approximate index (ids are positions within the class's range).
+        scanner: for float16 vectors, a FAISS flat index over the same half floats (FAISS scans
+            them with SIMD; numpy would convert every row first); None for float32.
+    """
+
     number: int
-    vectors: np.ndarray          # memory-mapped (rows, dim)
+    vectors: np.ndarray
     ids: np.ndarray
     uris: pa.Array
     labels: pa.Array
     classes: np.ndarray
     index: faiss.Index = field(repr=False)
+    exact: bool = True
+    heads: dict[int, faiss.Index] = field(default_factory=dict, repr=False)
+    scanner: faiss.Index | None = field(default=None, repr=False)
 
-    def scan(self, query: np.ndarray, start: int, end: int, k: int, exact_max_rows: int | None,
-             nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, positions) among positions [start, end), best first."""
-        if exact_max_rows is not None and end - start > exact_max_rows:
-            ivf = ivf_of(self.index)
-            if ivf is not None:
-                # Positions are the FAISS ids and each inverted list stores them in ascending order,
-                # so a sorted range selector bisects each visited list instead of testing every id.
-                params = faiss.SearchParametersIVF(sel=faiss.IDSelectorRange(start, end, True),
-                                                   nprobe=min(nprobe, ivf.nlist))
-                scores, positions = self.index.search(query[None], k, params=params)
-                keep = positions[0] >= 0
-                return scores[0][keep], positions[0][keep]
+    def scan(self, query: np.ndarray, cls: int, start: int, end: int, k: int,
+             params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, positions) of one class (positions [start, end)), best first: through the
+        class's own index when it has one, else an exact scan."""
+        head = self.heads.get(cls)
+        if head is not None:
+            n = min(params.candidates(k), end - start)
+            _, local = head.search(query[None], n, params=params.faiss_params(head, n))
+            return self.best(query[None], start + local[:, local[0] >= 0], k)
+        if self.scanner is not None:
+            sel = faiss.SearchParameters(sel=faiss.IDSelectorRange(start, end))
+            scores, positions = self.scanner.search(query[None], min(k, end - start), params=sel)
+            keep = positions[0] >= 0
+            return scores[0][keep], positions[0][keep]
         sims = np.asarray(self.vectors[start:end], dtype=np.float32) @ query
         if len(sims) > k:
             top = np.argpartition(-sims, k - 1)[:k]
@@ -68,6 +82,31 @@ class Shard:
         else:
             top = np.lexsort((np.arange(len(sims)), -sims))
         return sims[top], start + top
+
+    def search(self, queries: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        """Global top-k (scores, positions) of each query, (Q, k) each; -1 positions pad."""
+        n = min(k if self.exact else params.candidates(k), self.index.ntotal)
+        scores, positions = self.index.search(queries, n, params=params.faiss_params(self.index, n))
+        if self.exact:
+            return scores, positions
+        return self.best(queries, positions, k, batch=True)
+
+    def best(self, queries: np.ndarray, positions: np.ndarray, k: int,
+             batch: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Re-scores candidate positions (Q, n) exactly from the stored vectors and keeps the best k
+        of each query (ties by position). Returns (Q, k) arrays, or 1-D ones for one query unless
+        ``batch``."""
+        valid = positions >= 0
+        rows = np.asarray(self.vectors[np.where(valid, positions, 0).ravel()], dtype=np.float32)
+        scores = np.einsum("qnd,qd->qn", rows.reshape(*positions.shape, -1), queries)
+        scores[~valid] = -np.inf
+        order = np.lexsort((positions, -scores))[:, :k]
+        scores, positions = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+        positions[~np.isfinite(scores)] = -1
+        if batch:
+            return scores, positions
+        keep = positions[0] >= 0
+        return scores[0][keep], positions[0][keep]
 
     def hit(self, position: int, score: float) -> Hit:
         label = self.labels[position].as_py()
@@ -81,11 +120,15 @@ class ShardedIndex:
     Attributes:
         manifest: the index manifest.
         shard_numbers: the shards loaded here.
+        search_params: how its approximate indexes are searched (the manifest's, or ``load``'s
+            ``search``).
     """
 
-    def __init__(self, root: Path, manifest: IndexManifest, shards: list[Shard]) -> None:
+    def __init__(self, root: Path, manifest: IndexManifest, shards: list[Shard],
+                 search: SearchParams | None = None) -> None:
         self.root = root
         self.manifest = manifest
+        self.search_params = search or SearchParams.from_json(manifest.search)
         self._shards = {s.number: s for s in shards}
         self.shard_numbers = sorted(self._shards)
         self._class_map = {int(c): tuple(v) for c, v in manifest.classes.items()}
@@ -100,8 +143,10 @@ class ShardedIndex:
 
     @classmethod
     def load(cls, index_dir: str | Path, *, expect_models: dict[str, str] | None = None,
-             shards: Iterable[int] | None = None, verify: bool = True, use_gpu: str = "auto") -> "ShardedIndex":
-        """Loads an index; vectors and IVF lists are memory-mapped, so RSS does not grow with it.
+             shards: Iterable[int] | None = None, verify: bool = True, use_gpu: str = "auto",
+             search: SearchParams | None = None) -> "ShardedIndex":
+        """Loads an index; vectors and IVF lists are memory-mapped, so RSS does not grow with them
+        (float16 vectors are also held once in memory for fast exact scans).
 
         Args:
             index_dir: the index folder.
@@ -110,6 +155,7 @@ class ShardedIndex:
             shards: load only these shard numbers (a serving replica's share); default all.
             verify: check every file's size and sha256 against the manifest.
             use_gpu: ``auto`` (FAISS GPU when available), ``yes`` or ``no``.
+            search: search parameters instead of the ones the manifest records.
 
         Raises:
             FileNotFoundError: no manifest.
@@ -128,7 +174,7 @@ class ShardedIndex:
                 raise ValueError(f"shard {number} does not exist (index has {len(manifest.shards)})")
             entry = manifest.shards[number]
             loaded.append(load_shard(root / entry["path"], number, entry, verify, gpu))
-        return cls(root, manifest, loaded)
+        return cls(root, manifest, loaded, search)
 
     def lookup(self, image_id: int) -> Hit | None:
         """The gallery image with this id (score 1.0), or None when no loaded shard holds it."""
@@ -150,8 +196,11 @@ class ShardedIndex:
 
     def search_class(self, queries: np.ndarray, classes: np.ndarray, k: int = 5, *,
                      min_score: float | None = None, fallback_global: bool = False,
-                     exact_max_rows: int | None = None, nprobe: int = 32) -> list[list[Hit]]:
+                     search: SearchParams | None = None) -> list[list[Hit]]:
         """Approach 2: search among the images of each query's predicted classes only.
+
+        A class with its own index (at least ``IndexConfig.head_min_rows`` images) is searched
+        through it and its candidates re-scored exactly; smaller classes are scanned exactly.
 
         Args:
             queries: (Q, dim) L2-normalised query embeddings.
@@ -160,15 +209,12 @@ class ShardedIndex:
             min_score: drop results below this similarity.
             fallback_global: when the classes hold fewer than k images (here), fill up from a
                 global search.
-            exact_max_rows: classes up to this size are scanned exactly (the default, None, scans
-                every class exactly). A larger class in a shard with an IVF index is searched
-                through that index restricted to the class's position range, visiting ``nprobe``
-                lists: approximate, but its cost no longer grows with the class.
-            nprobe: IVF lists visited for such large classes.
+            search: search parameters for this call (default: the index's ``search_params``).
 
         Returns:
             per query, up to k hits, best first.
         """
+        params = search or self.search_params
         queries = self._check_queries(queries)
         classes = np.asarray(classes).reshape(len(queries), -1)
         results = []
@@ -179,42 +225,44 @@ class ShardedIndex:
                 if where is None or where[0] not in self._shards:
                     continue
                 shard = self._shards[where[0]]
-                sims, positions = shard.scan(query, where[1], where[2], k, exact_max_rows, nprobe)
+                sims, positions = shard.scan(query, cls, where[1], where[2], k, params)
                 scores.extend(sims)
                 hits.extend((shard, int(p)) for p in positions)
             order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")[:k]
             found = [hits[i][0].hit(hits[i][1], scores[i]) for i in order]
             if fallback_global and len(found) < k:
                 seen = {h.id for h in found}
-                extra = self.search_global(query[None], k + len(found))[0]
+                extra = self.search_global(query[None], k + len(found), search=params)[0]
                 found += [h for h in extra if h.id not in seen][: k - len(found)]
             results.append(threshold(found, min_score))
         return results
 
     def search_global(self, queries: np.ndarray, k: int = 5, *, min_score: float | None = None,
-                      nprobe: int = 32, ef_search: int = 128) -> list[list[Hit]]:
-        """Scatter-gather over the loaded shards' FAISS indexes, merged by score.
+                      search: SearchParams | None = None) -> list[list[Hit]]:
+        """Every loaded shard's index searched with the whole batch of queries, merged by score
+        (approximate indexes' candidates re-scored exactly, so scores are comparable).
 
         Args:
             queries: (Q, dim) L2-normalised query embeddings.
             k: results per query.
             min_score: drop results below this similarity.
-            nprobe: IVF lists visited per shard (recall/speed trade-off).
-            ef_search: HNSW search breadth.
+            search: search parameters for this call (default: the index's ``search_params``).
         """
+        params = search or self.search_params
         queries = self._check_queries(queries)
-        per_query: list[list[tuple[float, Shard, int]]] = [[] for _ in range(len(queries))]
-        for shard in self._shards.values():
-            if shard.index.ntotal == 0:
-                continue
-            set_search_params(shard.index, nprobe, ef_search)
-            scores, positions = shard.index.search(queries, min(k, shard.index.ntotal))
-            for q in range(len(queries)):
-                per_query[q].extend((float(s), shard, int(p)) for s, p in zip(scores[q], positions[q]) if p >= 0)
+        found = [(shard, *shard.search(queries, k, params)) for shard in self._shards.values() if shard.index.ntotal]
+        if not found:
+            return [[] for _ in queries]
+        scores = np.concatenate([s for _, s, _ in found], axis=1)
+        positions = np.concatenate([p for _, _, p in found], axis=1)
+        owner = np.concatenate([np.full(p.shape[1], i) for i, (_, _, p) in enumerate(found)])
+        scores[positions < 0] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         results = []
-        for candidates in per_query:
-            candidates.sort(key=lambda c: -c[0])
-            results.append(threshold([shard.hit(pos, score) for score, shard, pos in candidates[:k]], min_score))
+        for q, row in enumerate(order):
+            hits = [found[owner[j]][0].hit(int(positions[q, j]), float(scores[q, j]))
+                    for j in row if positions[q, j] >= 0]
+            results.append(threshold(hits, min_score))
         return results
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
@@ -241,7 +289,8 @@ def load_shard(directory: Path, number: int, entry: dict, verify: bool, gpu: boo
     try:
         vectors = np.load(directory / "vectors.npy", mmap_mode="r")
         rows = pq.read_table(directory / "rows.parquet", memory_map=True)
-        index = faiss.read_index(str(directory / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        index = read_faiss(directory / "index.faiss", entry.get("index_type", "flat"))
+        heads = {int(cls): read_faiss(directory / head_file(int(cls)), "hnsw-sq8") for cls in entry.get("heads", [])}
     except (OSError, ValueError, RuntimeError, pa.ArrowException) as exc:
         raise IndexIntegrityError(f"cannot read shard {directory}: {exc}") from None
     if gpu:
@@ -250,4 +299,22 @@ def load_shard(directory: Path, number: int, entry: dict, verify: bool, gpu: boo
         raise IndexIntegrityError(f"shard {directory}: vectors {len(vectors)}, rows {rows.num_rows}, "
                                   f"index {index.ntotal}, manifest {entry['rows']} disagree")
     return Shard(number, vectors, rows.column("id").to_numpy(), rows.column("uri").combine_chunks(),
-                  rows.column("label").combine_chunks(), rows.column("class").to_numpy(), index)
+                 rows.column("label").combine_chunks(), rows.column("class").to_numpy(), index,
+                 exact=is_exact(entry.get("index_type", "flat")), heads=heads, scanner=half_scanner(vectors))
+
+
+def read_faiss(path: Path, kind: str) -> faiss.Index:
+    """A FAISS index file of ``kind``, memory-mapped: IVF lists, or the codes of the other types."""
+    mmap = faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else faiss.IO_FLAG_MMAP_IFC
+    return faiss.read_index(str(path), mmap | faiss.IO_FLAG_READ_ONLY)
+
+
+def half_scanner(vectors: np.ndarray) -> faiss.Index | None:
+    """For float16 vectors, a FAISS flat index holding the same half floats (one copy in memory);
+    FAISS computes inner products on them directly. None for float32 vectors."""
+    if vectors.dtype != np.float16:
+        return None
+    scanner = faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(np.ascontiguousarray(vectors).view(np.uint8).ravel(), scanner.codes)
+    scanner.ntotal = len(vectors)
+    return scanner
