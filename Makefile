@@ -6,7 +6,7 @@ EXTRAS ?= cpu,demo,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test test-fast demo clean
+.PHONY: install install-autofaiss test test-fast demo clean
 
 install: $(STAMP)
 
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $@
+
+# For `python -m jobs.benchmark index --compare-autofaiss` only. autofaiss declares numpy<2, which
+# the rest of the stack has outgrown; it runs on numpy 2, so it goes in without its pins.
+install-autofaiss: install
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "autofaiss==2.18.0" \
+		"embedding-reader>=1.8,<2" "fire>=0.4,<0.7" termcolor
 
 # Everything (CI runs this). test-fast: the tier that starts no Ray, for quick edits.
 test: install

@@ -1,8 +1,25 @@
-"""``index``: builds an index from synthetic embeddings (Zipf-like class sizes) with the real builder
-and measures: build time and peak memory, class-restricted search latency per query (p50/p99),
-exact global search QPS, and approximate (IVF) global search QPS and recall@10 against exact.
+"""``index``: builds an index from synthetic embeddings (1/rank class sizes) with the real builder
+and measures, all in one run: build time, peak memory and bytes per million vectors; class-restricted
+latency (p50/p99) and recall@10 for each head-class threshold and HNSW breadth, against the exact
+class scan; global search QPS and recall@10 against exact search; the float16 vectors' recall
+against float32; and, with ``--compare-autofaiss``, autofaiss's index built on the same vectors.
 ``--json FILE`` writes the figures. faiss (an optional dependency the other areas do without) and
 pipeline.index and pipeline.batch are imported only when it runs (neither imports torch).
+
+The synthetic gallery follows what real embeddings measure (this project's EfficientNet-Lite0
+features of MNIST, Fashion-MNIST and the demo images, README "Index at scale"):
+
+- class centres are related, not random: they share a common direction (embeddings fill a narrow
+  cone: two images of different classes have cosine 0.5-0.75 there, two class centres 0.6-0.98)
+  and each belongs to one of ``classes / 100`` groups of related classes. Centre = common * 0.63 +
+  group * 0.55 + own * 0.55 (unit vectors): centres cosine 0.4 across groups, 0.7 within one.
+  ``--random-centres`` draws them independently instead (cosine ~0 in 512 dimensions: thousands
+  of isolated clusters, which no real embedding produces and on which graph indexes lose their way);
+- members are the centre plus noise of norm ``--noise`` whose variance falls off as
+  1/j^``--spectrum-decay`` over the dimensions in a random orientation per class (measured: j^-1.2
+  to j^-1.4, 90 % of the variance in 50-90 of 1,280 dimensions). ``--isotropic`` spreads it evenly
+  over all dimensions: a class is then a ball of random points, the worst case for any approximate
+  search.
 """
 
 from __future__ import annotations
@@ -15,33 +32,58 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from jobs.benchmark.runner import batch_slices, latency_ms, machine
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifests import EmbeddingManifest, ModelSet
 
+#: Random orientations shared out among the classes (a basis per class would take 1 MB each).
+ORIENTATIONS = 16
+#: Weights of a class centre's common, group and own directions (squares sum to 1).
+COMMON, GROUP, OWN = 0.4**0.5, 0.3**0.5, 0.3**0.5
 
-def _synthetic_gallery(out: Path, rows: int, dim: int, classes: int, seed: int, noise: float) -> dict:
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _synthetic_gallery(out: Path, rows: int, dim: int, classes: int, seed: int, noise: float,
+                       decay: float | None, related: bool = True) -> dict:
     """Writes an embedding-job output of clustered unit vectors; class sizes follow 1/rank.
 
-    Each vector is its class centre (unit norm) plus Gaussian noise of expected norm ``noise``,
-    then normalised: noise 0.5 puts members at cosine ~0.9 from their centre, 1.0 at ~0.7.
+    Returns the generator's state and every vector (float32, in id order) with its class, to
+    measure against and to make queries from.
     """
     from pipeline.batch import WriteParts
 
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, classes + 1)
     weights /= weights.sum()
-    centres = rng.normal(size=(classes, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres = _unit(rng.normal(size=(classes, dim)))
+    if related:
+        common, groups = _unit(rng.normal(size=dim)), _unit(rng.normal(size=(max(1, classes // 100), dim)))
+        centres = _unit(COMMON * common + GROUP * groups[rng.integers(0, len(groups), classes)] + OWN * centres)
+    # Per-dimension noise variance (summing to noise^2), turned by one of a few random rotations.
+    spectrum = np.ones(dim) if decay is None else np.arange(1, dim + 1.0) ** -decay
+    spectrum *= noise**2 / spectrum.sum()
+    mixers = [(np.sqrt(spectrum)[:, None] * np.linalg.qr(rng.normal(size=(dim, dim)))[0].T).astype(np.float32)
+              for _ in range(ORIENTATIONS)]
+
+    def sample(cls: np.ndarray) -> np.ndarray:
+        vectors = centres[cls].copy()
+        z = rng.normal(size=(len(cls), dim)).astype(np.float32)
+        for o, mixer in enumerate(mixers):
+            pick = cls % ORIENTATIONS == o
+            vectors[pick] += z[pick] @ mixer
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
     writer = WriteParts(out / "embeddings", dim)
-    parts = []
+    parts, all_vectors, all_classes = [], np.empty((rows, dim), np.float32), np.empty(rows, np.int64)
     for part in batch_slices(rows, 100_000):
         n = part.stop - part.start
         cls = rng.choice(classes, n, p=weights)
-        vectors = centres[cls] + rng.normal(scale=noise / np.sqrt(dim), size=(n, dim)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = sample(cls)
+        all_vectors[part], all_classes[part] = vectors, cls
         ids = np.arange(part.start, part.stop, dtype=np.int64)
         batch = {"id": ids, "uri": np.array([f"synthetic/{i}" for i in ids], dtype=object),
                  "label": np.array([str(c) for c in cls], dtype=object),
@@ -52,13 +94,166 @@ def _synthetic_gallery(out: Path, rows: int, dim: int, classes: int, seed: int, 
                       embedder={"spec": "synthetic", "dim": dim, "preprocess": {}})
     EmbeddingManifest(models=models, inputs=["synthetic"], top_n=1, embedding_dtype="float32",
                       max_pixels=DEFAULT_MAX_PIXELS, counts={"embedded": rows}, parts=parts).write(out)
-    return {"centres": centres, "weights": weights}
+    return {"weights": weights, "sample": sample, "vectors": all_vectors, "classes": all_classes}
 
 
-def _build_in_child(emb: str, index_dir: str, config_kwargs: dict) -> None:
+def _in_child(target, *args) -> tuple[float, float]:
+    """Runs ``target(*args)`` in a fresh process: (seconds, its peak RSS in GB), measured alone."""
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    start = time.perf_counter()
+    child = context.Process(target=_measured, args=(queue, target, *args))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"{target.__name__} failed (exit {child.exitcode})")
+    return time.perf_counter() - start, round(queue.get() / 2**20, 2)
+
+
+def _measured(queue, target, *args) -> None:
+    target(*args)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
+def _build(emb: str, index_dir: str, config_kwargs: dict, dtype: str) -> None:
     from pipeline.index import IndexConfig, build_index
 
-    build_index(emb, index_dir, IndexConfig(**config_kwargs))
+    build_index(emb, index_dir, IndexConfig(**config_kwargs), dtype)
+
+
+def _build_autofaiss(vectors_dir: str, index_path: str, infos_path: str, memory: str, index_memory: str) -> None:
+    import json
+
+    import faiss
+    from autofaiss import build_index
+
+    # Saved here, not by autofaiss: its own infos file fails on numpy 2 (a float32 in the JSON).
+    index, infos = build_index(embeddings=vectors_dir, save_on_disk=False, metric_type="ip",
+                               current_memory_available=memory, max_index_memory_usage=index_memory, verbose=40)
+    if index is None:
+        raise RuntimeError("autofaiss built no index (its log above says why)")
+    faiss.write_index(index, index_path)
+    Path(infos_path).write_text(json.dumps(infos, default=str))
+
+
+def _recall(found: list[set], truth: list[set]) -> float:
+    return round(float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found, truth)])), 4)
+
+
+def _disk_bytes(index_dir: Path) -> dict:
+    """Bytes on disk of the index's files by kind (vectors, rows, global index, head indexes)."""
+    sizes = {"vectors": 0, "rows": 0, "global_index": 0, "head_indexes": 0}
+    for path in (index_dir / "shards").rglob("*"):
+        if path.is_file():
+            kind = {"vectors.npy": "vectors", "rows.parquet": "rows", "index.faiss": "global_index"}.get(path.name,
+                                                                                                          "head_indexes")
+            sizes[kind] += path.stat().st_size
+    return sizes
+
+
+def _float32_twin(index, vectors: dict[int, np.ndarray]):
+    """The same loaded index with float32 vectors (the generated ones, per shard) in place of
+    float16: the graphs and codes are built from float32 either way, so this isolates what float16
+    storage costs in exact scans and re-scoring."""
+    import copy
+
+    twin = copy.copy(index)
+    twin._shards = {n: copy.copy(s) for n, s in index._shards.items()}
+    for number, shard in twin._shards.items():
+        shard.vectors = vectors[number]
+    return twin
+
+
+def _class_search(index, exact_index, queries, q_cls, thresholds, efs, truth_ids) -> dict:
+    """Per query: the exact scan's latency, and for queries of head classes the head index's at
+    each breadth; then p50/p99 and recall for every (threshold, breadth) from those measurements."""
+    from pipeline.index import SearchParams
+
+    # One untimed pass through each path first: the memory-mapped files' pages are read from
+    # disk on first touch, which a replica that has been serving has long done.
+    for query, cls in zip(queries, q_cls):
+        exact_index.search_class(query[None], [[cls]], k=10)
+        index.search_class(query[None], [[cls]], k=10)
+    exact_s, exact_ids = [], []
+    for query, cls in zip(queries, q_cls):
+        t0 = time.perf_counter()
+        hits = exact_index.search_class(query[None], [[cls]], k=10)[0]
+        exact_s.append(time.perf_counter() - t0)
+        exact_ids.append({h.id for h in hits})
+    sizes = np.array([index.class_size(c) for c in q_cls])
+    head_s = {ef: {} for ef in efs}
+    head_ids = {ef: {} for ef in efs}
+    for ef in efs:
+        params = SearchParams(ef_search=ef, rerank=index.search_params.rerank)
+        for q in np.flatnonzero(sizes >= min(thresholds)):
+            t0 = time.perf_counter()
+            hits = index.search_class(queries[q][None], [[q_cls[q]]], k=10, search=params)[0]
+            head_s[ef][q] = time.perf_counter() - t0
+            head_ids[ef][q] = {h.id for h in hits}
+    rows = [{"threshold": None, "ef_search": None, **latency_ms(exact_s, (50, 99), digits=3),
+             "max_ms": round(max(exact_s) * 1000, 3), "recall_at_10": _recall(exact_ids, truth_ids),
+             "recall_vs_exact_scan": 1.0, "queries_via_heads": 0}]
+    for threshold in thresholds:
+        for ef in efs:
+            via = sizes >= threshold
+            lat = [head_s[ef][q] if via[q] else exact_s[q] for q in range(len(queries))]
+            ids = [head_ids[ef][q] if via[q] else exact_ids[q] for q in range(len(queries))]
+            rows.append({"threshold": threshold, "ef_search": ef, **latency_ms(lat, (50, 99), digits=3),
+                         "max_ms": round(max(lat) * 1000, 3), "recall_at_10": _recall(ids, truth_ids),
+                         "recall_vs_exact_scan": _recall(ids, exact_ids), "queries_via_heads": int(via.sum())})
+    return {"rows": rows, "exact_ids": exact_ids,
+            "queried_class_rows": {"median": int(np.median(sizes)), "p99": int(np.percentile(sizes, 99)),
+                                   "max": int(sizes.max())}}
+
+
+def _global_search(index, queries, efs, truth) -> list[dict]:
+    from pipeline.index import SearchParams
+
+    rows = []
+    index.search_global(queries, k=10, search=SearchParams(ef_search=max(efs)))  # untimed: page the files in
+    for ef in efs:
+        params = SearchParams(ef_search=ef, rerank=index.search_params.rerank)
+        start = time.perf_counter()
+        found = index.search_global(queries, k=10, search=params)
+        qps = len(queries) / (time.perf_counter() - start)
+        rows.append({"ef_search": ef, "qps": round(qps, 1), "recall_at_10": _recall([{h.id for h in hits} for hits in found], truth)})
+    return rows
+
+
+def _autofaiss(scratch: Path, vectors: np.ndarray, queries: np.ndarray, truth: list[set], match: float,
+               memory: str, index_memory: str) -> dict:
+    """autofaiss's index on the same vectors: built in a child process with its defaults and the
+    memory budget ``index_memory``, then its search parameter swept to the setting that first
+    reaches ``match`` recall@10."""
+    import json
+
+    import faiss
+
+    folder = scratch / "autofaiss-input"
+    folder.mkdir()
+    np.save(folder / "vectors.npy", vectors)
+    index_path, infos_path = scratch / "autofaiss.index", scratch / "autofaiss-infos.json"
+    seconds, peak = _in_child(_build_autofaiss, str(folder), str(index_path), str(infos_path), memory, index_memory)
+    infos = json.loads(infos_path.read_text())
+    index = faiss.read_index(str(index_path))
+    space = faiss.ParameterSpace()
+    key = infos.get("index_key", "")
+    name, values = ("efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]) if key.startswith("HNSW") else \
+        ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
+    sweep = []
+    for value in values:
+        space.set_index_parameter(index, name, value)
+        index.search(queries[:10], 10)
+        start = time.perf_counter()
+        _, ids = index.search(queries, 10)
+        qps = len(queries) / (time.perf_counter() - start)
+        recall = _recall([set(row[row >= 0].tolist()) for row in ids], truth)
+        sweep.append({name: value, "qps": round(qps, 1), "recall_at_10": recall})
+        if recall >= match:
+            break
+    matched = next((row for row in sweep if row["recall_at_10"] >= match), None)
+    return {"index_key": key, "index_param": infos.get("index_param"), "index_memory": index_memory, "build_s": round(seconds, 1),
+            "build_peak_rss_gb": peak, "bytes_on_disk": index_path.stat().st_size, "sweep": sweep, "matched": matched}
 
 
 def bench_index(args: argparse.Namespace) -> dict:
@@ -66,122 +261,194 @@ def bench_index(args: argparse.Namespace) -> dict:
 
     from pipeline.index import ShardedIndex
 
+    decay = None if args.isotropic else args.spectrum_decay
     results: dict = {"rows": args.rows, "dim": args.dim, "classes": args.classes, "queries": args.queries,
-                     "noise": args.noise, "machine": machine()}
+                     "noise": args.noise, "within_class": "isotropic" if decay is None else f"1/j^{decay}",
+                     "centres": "random" if args.random_centres else "related",
+                     "vector_dtype": args.vector_dtype, "machine": machine(), "faiss_threads": faiss.omp_get_max_threads()}
+    thresholds = sorted(args.head_thresholds)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         emb, index_dir = Path(scratch) / "emb", Path(scratch) / "index"
         start = time.perf_counter()
-        gallery = _synthetic_gallery(emb, args.rows, args.dim, args.classes, args.seed, args.noise)
+        gallery = _synthetic_gallery(emb, args.rows, args.dim, args.classes, args.seed, args.noise, decay,
+                                     related=not args.random_centres)
         results["generate_s"] = round(time.perf_counter() - start, 1)
+        print(f"generated {args.rows:,} vectors in {results['generate_s']} s; building the index ...", flush=True)
 
-        # The build runs in a child process so its peak memory is measured alone.
-        config = {"shard_size": args.shard_size, "global_index": "ivf", "nlist": args.nlist}
-        start = time.perf_counter()
-        child = mp.get_context("spawn").Process(target=_build_in_child, args=(str(emb), str(index_dir), config))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"index build failed (exit {child.exitcode})")
-        results["build_s"] = round(time.perf_counter() - start, 1)
-        results["build_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
-
+        # Heads are built down to the smallest threshold; larger thresholds are read off the same run.
+        config = {"shard_size": args.shard_size, "global_index": args.global_index, "head_min_rows": thresholds[0]}
+        seconds, peak = _in_child(_build, str(emb), str(index_dir), config, args.vector_dtype)
+        results["build_s"], results["build_peak_rss_gb"] = round(seconds, 1), peak
         index = ShardedIndex.load(index_dir, verify=False)
+        exact_index = ShardedIndex.load(index_dir, verify=False, heads=False)
+        disk = _disk_bytes(index_dir)
+        per_million = 1e6 / args.rows
+        results["bytes_per_million"] = {k: round(v * per_million) for k, v in disk.items()}
         results["shards"] = len(index.manifest.shards)
+        heads = {int(c): index.class_size(int(c)) for s in index.manifest.shards for c in s.get("heads", [])}
+        results["head_classes"] = {str(t): {"classes": sum(n >= t for n in heads.values()),
+                                            "rows": sum(n for n in heads.values() if n >= t)} for t in thresholds}
+        print(f"built in {results['build_s']} s; measuring ...", flush=True)
+
         rng = np.random.default_rng(args.seed + 1)
         q_cls = rng.choice(args.classes, args.queries, p=gallery["weights"])
-        queries = gallery["centres"][q_cls] + rng.normal(scale=args.noise / np.sqrt(args.dim),
-                                                         size=(args.queries, args.dim)).astype(np.float32)
-        queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+        queries = gallery["sample"](q_cls).astype(np.float32)
+        vectors, classes = gallery["vectors"], gallery["classes"]
 
-        # Class-restricted: every class scanned exactly, then classes above --exact-max-rows
-        # searched through the IVF index restricted to their range (recall against exact given).
-        results["class_search"] = []
-        exact_ids = None
-        for exact_max in (None, args.exact_max_rows):
-            latencies, found = [], []
-            for query, cls in zip(queries, q_cls):
-                t0 = time.perf_counter()
-                hits = index.search_class(query[None], [[cls]], k=10, exact_max_rows=exact_max, nprobe=args.class_nprobe)
-                latencies.append(time.perf_counter() - t0)
-                found.append({h.id for h in hits[0]})
-            if exact_ids is None:
-                exact_ids = found
-            results["class_search"].append({
-                "exact_max_rows": exact_max, **latency_ms(latencies, (50, 99), digits=3),
-                "max_ms": round(float(np.max(latencies) * 1000), 3),
-                "recall_at_10_vs_exact": round(float(np.mean([len(f & e) / max(len(e), 1)
-                                                              for f, e in zip(found, exact_ids)])), 4)})
-        sizes = np.array([index.class_size(c) for c in q_cls])
-        results["queried_class_rows"] = {"median": int(np.median(sizes)), "max": int(sizes.max())}
-
-        # Exact global search: one flat index over every vector (the reference), batched queries.
-        vectors = np.concatenate([np.asarray(np.load(index_dir / s["path"] / "vectors.npy", mmap_mode="r"))
-                                  for s in index.manifest.shards])
-        ids = np.concatenate([pq.read_table(index_dir / s["path"] / "rows.parquet", columns=["id"])["id"].to_numpy()
-                              for s in index.manifest.shards])
+        # The truth: exact top-10 over the float32 vectors, inside the class and over all.
+        truth_class = []
+        for query, cls in zip(queries, q_cls):
+            members = np.flatnonzero(classes == cls)
+            sims = vectors[members] @ query
+            truth_class.append(set(members[np.argsort(-sims, kind="stable")[:10]].tolist()))
         flat = faiss.IndexFlatIP(args.dim)
         flat.add(vectors)
-        del vectors
+        flat.search(queries[:10], 10)
         start = time.perf_counter()
         _, exact_pos = flat.search(queries, 10)
-        exact_qps = args.queries / (time.perf_counter() - start)
-        exact = ids[exact_pos]
-        results["global_exact_qps"] = round(exact_qps, 1)
+        results["global_exact_qps"] = round(args.queries / (time.perf_counter() - start), 1)
         del flat
+        truth_global = [set(row.tolist()) for row in exact_pos]
 
-        results["global_ivf"] = []
-        for nprobe in args.nprobe:
-            start = time.perf_counter()
-            found = index.search_global(queries, k=10, nprobe=nprobe)
-            qps = args.queries / (time.perf_counter() - start)
-            recall = np.mean([len({h.id for h in hits} & set(row.tolist())) / 10 for hits, row in zip(found, exact)])
-            results["global_ivf"].append({"nprobe": nprobe, "qps": round(qps, 1), "recall_at_10": round(float(recall), 4),
-                                          "speedup_vs_exact": round(qps / exact_qps, 1)})
+        cls_results = _class_search(index, exact_index, queries, q_cls, thresholds, args.ef_search, truth_class)
+        results["class_search"] = cls_results["rows"]
+        results["queried_class_rows"] = cls_results["queried_class_rows"]
+        results["global_search"] = _global_search(index, queries, args.ef_search, truth_global)
+        for row in results["global_search"]:
+            row["speedup_vs_exact"] = round(row["qps"] / results["global_exact_qps"], 1)
+        if args.vector_dtype == "float16":
+            # ids are the generated vectors' row numbers
+            by_shard = {n: vectors[shard.ids] for n, shard in index._shards.items()}
+            twin, twin_exact = _float32_twin(index, by_shard), _float32_twin(exact_index, by_shard)
+            twin_class = _class_search(twin, twin_exact, queries, q_cls, thresholds, args.ef_search, truth_class)
+            results["class_search_float32"] = twin_class["rows"]
+            results["global_search_float32"] = _global_search(twin, queries, args.ef_search, truth_global)
+        results["chosen"] = _choose(results, args)
+        if args.compare_autofaiss:
+            match = results["chosen"]["global"]["recall_at_10"] if results["chosen"]["global"] else args.target_recall
+            print("building autofaiss's index on the same vectors ...", flush=True)
+            # The same memory budget as our index takes, unless given.
+            budget = args.autofaiss_index_memory or f"{max(1, round(sum(disk.values()) / 2**20))}M"
+            results["autofaiss"] = _autofaiss(Path(scratch), vectors, queries, truth_global, match,
+                                              args.autofaiss_memory, budget)
+            ours = results["chosen"]["global"] or {}
+            results["ours"] = {"build_s": results["build_s"], "build_peak_rss_gb": results["build_peak_rss_gb"],
+                               "bytes_on_disk": sum(disk.values()), "recall_at_10": ours.get("recall_at_10"),
+                               "qps": ours.get("qps")}
     return results
 
 
-def print_index(results: dict) -> None:
+def _choose(results: dict, args: argparse.Namespace) -> dict:
+    """The largest head threshold (fewest head indexes to build and hold) and the smallest breadth
+    meeting the class-search targets; the smallest breadth meeting the global recall target."""
+    ok = [row for row in results["class_search"] if row["threshold"] is not None
+          and row["p99_ms"] <= args.target_p99_ms and row["recall_vs_exact_scan"] >= args.target_recall]
+    best_class = max(ok, key=lambda r: (r["threshold"], -r["ef_search"]), default=None)
+    best_global = next((r for r in results["global_search"] if r["recall_at_10"] >= args.target_recall), None)
+    return {"class": best_class, "global": best_global}
+
+
+def _ratio(f16: list[dict], f32: list[dict], key: str = "recall_at_10") -> list[float]:
+    return [round(a[key] / b[key], 4) if b[key] else float("nan") for a, b in zip(f16, f32)]
+
+
+def print_index(results: dict, args: argparse.Namespace | None = None) -> None:
     print(f"\nindex benchmark: {results['rows']:,} vectors, dim {results['dim']}, {results['classes']:,} classes "
-          f"(1/rank sizes, noise {results['noise']}), {results['shards']} shard(s), {results['queries']} queries "
-          f"({results['machine']})")
+          f"(1/rank sizes, {results['centres']} centres; within-class noise {results['noise']}, spectrum "
+          f"{results['within_class']}), "
+          f"{results['shards']} shard(s), {results['queries']} queries, vectors {results['vector_dtype']} "
+          f"({results['machine']}, FAISS threads {results['faiss_threads']})")
     print(f"build: {results['build_s']} s, peak RSS {results['build_peak_rss_gb']} GB "
           f"(synthetic data generated in {results['generate_s']} s, not counted)")
+    per = results["bytes_per_million"]
+    print("bytes per million vectors: " + ", ".join(f"{k} {v / 2**20:,.0f} MiB" for k, v in per.items())
+          + f"; total {sum(per.values()) / 2**30:.2f} GiB")
+    heads = ", ".join(f">= {t}: {h['classes']} classes, {h['rows']:,} rows" for t, h in results["head_classes"].items())
+    print(f"head classes by threshold: {heads}")
     sizes = results["queried_class_rows"]
     print(f"class-restricted search, top-10, one query at a time (queried class sizes: median "
-          f"{sizes['median']}, max {sizes['max']} rows):")
-    print(f"{'  large classes via':<26}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'recall@10':>11}")
-    for row in results["class_search"]:
-        label = "exact scan (all classes)" if row["exact_max_rows"] is None else f"IVF above {row['exact_max_rows']} rows"
-        print(f"  {label:<24}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['max_ms']:>9.3f}"
-              f"{row['recall_at_10_vs_exact']:>11.4f}")
-    print(f"global exact (flat, batched): {results['global_exact_qps']} QPS")
-    print(f"{'global IVF nprobe':<20}{'QPS':>10}{'recall@10':>11}{'x exact':>9}")
-    for row in results["global_ivf"]:
-        print(f"{row['nprobe']:<20}{row['qps']:>10.1f}{row['recall_at_10']:>11.4f}{row['speedup_vs_exact']:>9.1f}")
+          f"{sizes['median']}, p99 {sizes['p99']}, max {sizes['max']} rows):")
+    print(f"  {'heads from':>11}{'ef':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'recall@10':>11}"
+          f"{'vs exact scan':>15}{'via heads':>11}")
+    f32 = results.get("class_search_float32")
+    for i, row in enumerate(results["class_search"]):
+        label = "exact scan" if row["threshold"] is None else f"{row['threshold']:,}"
+        ef = "" if row["ef_search"] is None else row["ef_search"]
+        extra = f"  (float32: {f32[i]['recall_at_10']:.4f}, {f32[i]['p99_ms']:.3f} ms p99)" if f32 else ""
+        print(f"  {label:>11}{ef:>6}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['max_ms']:>9.3f}"
+              f"{row['recall_at_10']:>11.4f}{row['recall_vs_exact_scan']:>15.4f}{row['queries_via_heads']:>11}{extra}")
+    print(f"global exact (flat float32, batched): {results['global_exact_qps']} QPS")
+    print(f"  {'hnsw ef':<10}{'QPS':>10}{'recall@10':>11}{'x exact':>9}")
+    f32 = results.get("global_search_float32")
+    for i, row in enumerate(results["global_search"]):
+        extra = f"  (float32 vectors: recall {f32[i]['recall_at_10']:.4f})" if f32 else ""
+        print(f"  {row['ef_search']:<10}{row['qps']:>10.1f}{row['recall_at_10']:>11.4f}{row['speedup_vs_exact']:>9.1f}{extra}")
+    if f32:
+        print(f"float16 recall@10 / float32 recall@10: class search {min(_ratio(results['class_search'], results['class_search_float32']))} "
+              f"at worst, global {min(_ratio(results['global_search'], f32))} at worst")
+    chosen = results["chosen"]
+    c, g = chosen["class"], chosen["global"]
+    print("chosen: " + (f"head classes from {c['threshold']:,} rows at ef {c['ef_search']} (p99 {c['p99_ms']} ms, "
+                        f"recall {c['recall_vs_exact_scan']} vs the exact scan)" if c else "no class setting meets the targets")
+          + "; " + (f"global ef {g['ef_search']} ({g['speedup_vs_exact']}x exact QPS at recall {g['recall_at_10']})"
+                    if g else "no global setting meets the recall target"))
+    if "autofaiss" in results:
+        a, ours = results["autofaiss"], results["ours"]
+        m = a["matched"]
+        print(f"side by side with autofaiss ({a['index_key']}, its own setting {a['index_param']}, memory budget "
+              f"{a['index_memory']}), global top-10 at matched recall:")
+        print(f"  {'':<12}{'build s':>9}{'peak RSS GB':>13}{'disk MiB':>10}{'recall@10':>11}{'QPS':>9}")
+        print(f"  {'lookalike':<12}{ours['build_s']:>9}{ours['build_peak_rss_gb']:>13}{ours['bytes_on_disk'] / 2**20:>10,.0f}"
+              f"{ours['recall_at_10'] or float('nan'):>11.4f}{ours['qps'] or float('nan'):>9.1f}")
+        recall, qps = (m["recall_at_10"], m["qps"]) if m else (a["sweep"][-1]["recall_at_10"], float("nan"))
+        print(f"  {'autofaiss':<12}{a['build_s']:>9}{a['build_peak_rss_gb']:>13}{a['bytes_on_disk'] / 2**20:>10,.0f}"
+              f"{recall:>11.4f}{qps:>9.1f}" + ("" if m else "  (never reached our recall in its sweep)"))
+        print("  autofaiss sweep: " + ", ".join(" ".join(f"{k} {v}" for k, v in row.items()) for row in a["sweep"]))
 
 
 def check_index(args: argparse.Namespace) -> str | None:
     if min(args.rows, args.dim, args.classes, args.queries) < 1:
         return "--rows, --dim, --classes and --queries must be >= 1"
+    if min(args.head_thresholds) < 1 or min(args.ef_search) < 1:
+        return "--head-thresholds and --ef-search must be >= 1"
+    if args.compare_autofaiss:
+        try:
+            import autofaiss  # noqa: F401
+        except ImportError:
+            return "--compare-autofaiss needs autofaiss: make install-autofaiss"
     return None
 
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
     """Registers ``index`` with the runner's subcommands."""
     index = subparsers.add_parser("index", help="index build, class-restricted latency, global QPS and recall")
-    index.set_defaults(check=check_index, bench=bench_index, report=lambda results, _args: print_index(results))
+    index.set_defaults(check=check_index, bench=bench_index, report=print_index)
     index.add_argument("--rows", type=int, default=1_000_000)
     index.add_argument("--dim", type=int, default=512)
     index.add_argument("--classes", type=int, default=20_000)
     index.add_argument("--queries", type=int, default=1000)
     index.add_argument("--shard-size", type=int, default=1_000_000)
-    index.add_argument("--nlist", type=int, help="IVF lists (default: the builder's auto, ~4 sqrt(rows))")
+    index.add_argument("--global-index", default="hnsw-sq8", help="the builder's --global-index (default: hnsw-sq8)")
+    index.add_argument("--vector-dtype", default="float16", choices=["float32", "float16"],
+                       help="storage of vectors.npy; float16 also measures the same index with float32 vectors")
     index.add_argument("--noise", type=float, default=0.5,
-                       help="cluster spread: noise norm relative to the unit class centre (default: 0.5)")
-    index.add_argument("--exact-max-rows", type=int, default=20_000,
-                       help="class size above which the second class-search run uses the IVF index")
-    index.add_argument("--class-nprobe", type=int, default=16, help="IVF lists for large classes")
-    index.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
+                       help="within-class spread: noise norm relative to the unit class centre (default: 0.5)")
+    index.add_argument("--spectrum-decay", type=float, default=1.2,
+                       help="within-class variance of dimension j falls as 1/j^DECAY (default: 1.2, as measured)")
+    index.add_argument("--isotropic", action="store_true", help="within-class noise spread evenly (worst case)")
+    index.add_argument("--random-centres", action="store_true",
+                       help="independent class centres (isolated clusters) instead of related ones")
+    index.add_argument("--head-thresholds", type=int, nargs="+", default=[2000, 5000, 10_000, 20_000],
+                       help="class sizes from which classes get their own index, compared in one run")
+    index.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128, 256],
+                       help="HNSW search breadths compared (head classes and global)")
+    index.add_argument("--target-p99-ms", type=float, default=1.0)
+    index.add_argument("--target-recall", type=float, default=0.95)
+    index.add_argument("--compare-autofaiss", action="store_true",
+                       help="also build autofaiss's index on the same vectors (make install-autofaiss)")
+    index.add_argument("--autofaiss-memory", default="16G", help="autofaiss's current_memory_available (default: 16G)")
+    index.add_argument("--autofaiss-index-memory",
+                       help="autofaiss's max_index_memory_usage (default: the bytes of our index, e.g. 1500M)")
     index.add_argument("--seed", type=int, default=0)
     index.add_argument("--scratch", help="folder for the temporary gallery and index (default: system temp)")
     return index

@@ -152,8 +152,12 @@ def build_faiss_index(vectors: np.ndarray, kind: str, config: IndexConfig) -> fa
         index.quantizer_trains_alone = 0
     else:
         raise ValueError(f"unknown index type {kind!r}")
-    for start in range(0, rows, 100_000):
-        index.add(np.ascontiguousarray(vectors[start : start + 100_000], dtype=np.float32))
+    # HNSW takes all rows in one call: FAISS then inserts them by decreasing level, so the upper
+    # layers span every class. Added in chunks of class-sorted rows, they would span the first
+    # chunk's classes only (recall@10 0.90 instead of 0.96 on the 300k benchmark).
+    step = rows if kind in ("hnsw", "hnsw-sq8") else 100_000
+    for start in range(0, rows, max(step, 1)):
+        index.add(np.ascontiguousarray(vectors[start : start + step], dtype=np.float32))
     return index
 
 

@@ -46,8 +46,6 @@ class Shard:
         vectors: (rows, dim) embeddings, memory-mapped (float32 or float16).
         index: the global-search FAISS index over all rows.
         heads: class -> its own approximate index (ids are positions within the class's range).
-        scanner: for float16 vectors, a FAISS flat index over the same half floats (FAISS scans
-            them with SIMD; numpy would convert every row first); None for float32.
     """
 
     number: int
@@ -59,7 +57,6 @@ class Shard:
     index: faiss.Index = field(repr=False)
     exact: bool = True
     heads: dict[int, faiss.Index] = field(default_factory=dict, repr=False)
-    scanner: faiss.Index | None = field(default=None, repr=False)
 
     def scan(self, query: np.ndarray, cls: int, start: int, end: int, k: int,
              params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
@@ -70,11 +67,14 @@ class Shard:
             n = min(params.candidates(k), end - start)
             _, local = head.search(query[None], n, params=params.faiss_params(head, n))
             return self.best(query[None], start + local[:, local[0] >= 0], k)
-        if self.scanner is not None:
-            sel = faiss.SearchParameters(sel=faiss.IDSelectorRange(start, end))
-            scores, positions = self.scanner.search(query[None], min(k, end - start), params=sel)
-            keep = positions[0] >= 0
-            return scores[0][keep], positions[0][keep]
+        if self.vectors.dtype == np.float16:
+            # FAISS computes on half floats directly; numpy would first convert every row (30x slower).
+            scanner = faiss.IndexScalarQuantizer(query.shape[0], faiss.ScalarQuantizer.QT_fp16,
+                                                 faiss.METRIC_INNER_PRODUCT)
+            scanner.add_sa_codes(np.asarray(self.vectors[start:end]).view(np.uint8))
+            scores, local = scanner.search(query[None], min(k, end - start))
+            keep = local[0] >= 0
+            return scores[0][keep], start + local[0][keep]
         sims = np.asarray(self.vectors[start:end], dtype=np.float32) @ query
         if len(sims) > k:
             top = np.argpartition(-sims, k - 1)[:k]
@@ -144,9 +144,8 @@ class ShardedIndex:
     @classmethod
     def load(cls, index_dir: str | Path, *, expect_models: dict[str, str] | None = None,
              shards: Iterable[int] | None = None, verify: bool = True, use_gpu: str = "auto",
-             search: SearchParams | None = None) -> "ShardedIndex":
-        """Loads an index; vectors and IVF lists are memory-mapped, so RSS does not grow with them
-        (float16 vectors are also held once in memory for fast exact scans).
+             search: SearchParams | None = None, heads: bool = True) -> "ShardedIndex":
+        """Loads an index; vectors and FAISS files are memory-mapped, so RSS does not grow with them.
 
         Args:
             index_dir: the index folder.
@@ -156,6 +155,7 @@ class ShardedIndex:
             verify: check every file's size and sha256 against the manifest.
             use_gpu: ``auto`` (FAISS GPU when available), ``yes`` or ``no``.
             search: search parameters instead of the ones the manifest records.
+            heads: load the head classes' own indexes (False: every class is scanned exactly).
 
         Raises:
             FileNotFoundError: no manifest.
@@ -173,6 +173,8 @@ class ShardedIndex:
             if not 0 <= number < len(manifest.shards):
                 raise ValueError(f"shard {number} does not exist (index has {len(manifest.shards)})")
             entry = manifest.shards[number]
+            if not heads:
+                entry = {**entry, "heads": []}
             loaded.append(load_shard(root / entry["path"], number, entry, verify, gpu))
         return cls(root, manifest, loaded, search)
 
@@ -300,21 +302,10 @@ def load_shard(directory: Path, number: int, entry: dict, verify: bool, gpu: boo
                                   f"index {index.ntotal}, manifest {entry['rows']} disagree")
     return Shard(number, vectors, rows.column("id").to_numpy(), rows.column("uri").combine_chunks(),
                  rows.column("label").combine_chunks(), rows.column("class").to_numpy(), index,
-                 exact=is_exact(entry.get("index_type", "flat")), heads=heads, scanner=half_scanner(vectors))
+                 exact=is_exact(entry.get("index_type", "flat")), heads=heads)
 
 
 def read_faiss(path: Path, kind: str) -> faiss.Index:
     """A FAISS index file of ``kind``, memory-mapped: IVF lists, or the codes of the other types."""
     mmap = faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else faiss.IO_FLAG_MMAP_IFC
     return faiss.read_index(str(path), mmap | faiss.IO_FLAG_READ_ONLY)
-
-
-def half_scanner(vectors: np.ndarray) -> faiss.Index | None:
-    """For float16 vectors, a FAISS flat index holding the same half floats (one copy in memory);
-    FAISS computes inner products on them directly. None for float32 vectors."""
-    if vectors.dtype != np.float16:
-        return None
-    scanner = faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    faiss.copy_array_to_vector(np.ascontiguousarray(vectors).view(np.uint8).ravel(), scanner.codes)
-    scanner.ntotal = len(vectors)
-    return scanner
