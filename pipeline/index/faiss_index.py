@@ -65,19 +65,25 @@ class SearchParams:
     """How approximate indexes are searched; the one place these are set. An index records the ones
     it was built with (manifest ``search``); ``ShardedIndex.load(search=...)`` overrides them.
 
+    The defaults are the ones ``python -m jobs.benchmark index`` chose on 1M vectors (README,
+    "Index at scale"): the smallest global breadth reaching recall@10 0.95, and the largest head
+    breadth whose class searches keep p99 under 1 ms.
+
     Attributes:
-        ef_search: HNSW search breadth (global and head-class indexes).
+        ef_search: HNSW search breadth of the global indexes.
+        head_ef_search: HNSW search breadth of the head classes' own indexes.
         nprobe: IVF lists visited per shard.
         rerank: an approximate index returns ``rerank * k`` candidates, re-scored exactly from
             ``vectors.npy`` (so every score is an exact similarity) and the best k kept.
     """
 
-    ef_search: int = 128
+    ef_search: int = 256
+    head_ef_search: int = 128
     nprobe: int = 32
     rerank: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("ef_search", "nprobe", "rerank"):
+        for name in ("ef_search", "head_ef_search", "nprobe", "rerank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -92,11 +98,12 @@ class SearchParams:
         """How many candidates to take from an approximate index for ``k`` results."""
         return max(k * self.rerank, k)
 
-    def faiss_params(self, index: faiss.Index, n: int) -> faiss.SearchParameters | None:
-        """Per-call FAISS parameters for taking ``n`` results from ``index`` (None: it needs none).
-        Passed with each search, so concurrent searches never change a shared index."""
+    def faiss_params(self, index: faiss.Index, n: int, head: bool = False) -> faiss.SearchParameters | None:
+        """Per-call FAISS parameters for taking ``n`` results from ``index`` (a head class's index
+        when ``head``); None: it needs none. Passed with each search, so concurrent searches never
+        change a shared index."""
         if hasattr(index, "hnsw"):
-            return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, n))
+            return faiss.SearchParametersHNSW(efSearch=max(self.head_ef_search if head else self.ef_search, n))
         ivf = ivf_of(index)
         if ivf is not None:
             return faiss.SearchParametersIVF(nprobe=min(self.nprobe, ivf.nlist))

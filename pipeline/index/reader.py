@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -57,6 +58,7 @@ class Shard:
     index: faiss.Index = field(repr=False)
     exact: bool = True
     heads: dict[int, faiss.Index] = field(default_factory=dict, repr=False)
+    _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def scan(self, query: np.ndarray, cls: int, start: int, end: int, k: int,
              params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
@@ -65,12 +67,16 @@ class Shard:
         head = self.heads.get(cls)
         if head is not None:
             n = min(params.candidates(k), end - start)
-            _, local = head.search(query[None], n, params=params.faiss_params(head, n))
+            _, local = head.search(query[None], n, params=params.faiss_params(head, n, head=True))
             return self.best(query[None], start + local[:, local[0] >= 0], k)
         if self.vectors.dtype == np.float16:
             # FAISS computes on half floats directly; numpy would first convert every row (30x slower).
-            scanner = faiss.IndexScalarQuantizer(query.shape[0], faiss.ScalarQuantizer.QT_fp16,
-                                                 faiss.METRIC_INNER_PRODUCT)
+            # One scanner per thread, reused: its buffer keeps its size, so no fresh pages per call.
+            scanner = getattr(self._local, "scanner", None)
+            if scanner is None:
+                scanner = self._local.scanner = faiss.IndexScalarQuantizer(
+                    query.shape[0], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            scanner.reset()
             scanner.add_sa_codes(np.asarray(self.vectors[start:end]).view(np.uint8))
             scores, local = scanner.search(query[None], min(k, end - start))
             keep = local[0] >= 0
