@@ -12,9 +12,11 @@ like the gallery), the shards and where each class lies.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,9 +92,24 @@ def _read(path: Path, hint: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; {hint}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); {hint}") from None
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        what = "is empty" if not path.stat().st_size else f"is not valid JSON ({exc})"
+        raise ValueError(f"{path} {what}; {hint}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not a manifest object; {hint}")
+    return raw
+
+
+@contextlib.contextmanager
+def _damaged(path: Path, hint: str) -> Iterator[None]:
+    """Turns a missing or mistyped field of a manifest into one error naming the file and the field."""
+    try:
+        yield
+    except KeyError as exc:
+        raise ValueError(f"{path} is damaged: field {exc} is missing; {hint}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is damaged: {exc}; {hint}") from None
 
 
 @dataclass(frozen=True)
@@ -135,10 +152,11 @@ class EmbeddingManifest:
         if raw.get("schema_version") != EMBEDDING_SCHEMA_VERSION:
             raise ValueError(f"{path}: embedding schema_version {raw.get('schema_version')} is not "
                              f"{EMBEDDING_SCHEMA_VERSION}; re-run the embedding job with this version")
-        return cls(models=ModelSet.from_json(raw["models"]), inputs=list(raw["inputs"]), top_n=int(raw["top_n"]),
-                   embedding_dtype=raw["embedding_dtype"], max_pixels=int(raw["max_pixels"]),
-                   counts=raw["counts"], parts=list(raw["parts"]), error_parts=list(raw.get("error_parts", [])),
-                   created=raw["created"], schema_version=raw["schema_version"])
+        with _damaged(path, "re-run the embedding job into a new folder"):
+            return cls(models=ModelSet.from_json(raw["models"]), inputs=list(raw["inputs"]), top_n=int(raw["top_n"]),
+                       embedding_dtype=raw["embedding_dtype"], max_pixels=int(raw["max_pixels"]),
+                       counts=raw["counts"], parts=list(raw["parts"]), error_parts=list(raw.get("error_parts", [])),
+                       created=raw["created"], schema_version=raw["schema_version"])
 
 
 @dataclass(frozen=True)
@@ -198,8 +216,10 @@ class IndexManifest:
         if version not in _READABLE_INDEX_VERSIONS:
             raise ValueError(f"{Path(folder)}: index schema_version {version} is not {INDEX_SCHEMA_VERSION}; "
                              f"rebuild it with this version")
-        return cls(models=ModelSet.from_json(raw["models"]), dim=int(raw["dim"]), vector_dtype=raw["vector_dtype"],
-                   config=dict(raw["config"]), sources=list(raw["sources"]), rows=int(raw["rows"]),
-                   classes=dict(raw["classes"]), shards=list(raw["shards"]),
-                   max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)), metric=raw.get("metric", "inner_product"),
-                   strategy=raw.get("strategy"), search=raw.get("search"), created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)
+        with _damaged(path, "rebuild the index with `python -m jobs.build_index`"):
+            return cls(models=ModelSet.from_json(raw["models"]), dim=int(raw["dim"]), vector_dtype=raw["vector_dtype"],
+                       config=dict(raw["config"]), sources=list(raw["sources"]), rows=int(raw["rows"]),
+                       classes=dict(raw["classes"]), shards=list(raw["shards"]),
+                       max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                       metric=raw.get("metric", "inner_product"), strategy=raw.get("strategy"),
+                       search=raw.get("search"), created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)

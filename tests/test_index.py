@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,21 @@ def test_max_pixels_travels_from_the_embeddings_to_every_query_path(tmp_path: Pa
         append_index(other, tmp_path / "index")
     same = write_embeddings(tmp_path / "same", synthetic(20, classes=4, seed=6, id_offset=5000), max_pixels=2500)
     assert append_index(same, tmp_path / "index").max_pixels == 2500
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "is empty"),
+    ('{"schema_version": 2,\n', "is not valid JSON"),
+    ("[1, 2]", "holds a JSON list"),
+    ('{"schema_version": 2}', "damaged: field 'models' is missing"),
+    ('{"schema_version": 2, "models": {}}', "damaged: manifest names no classifier"),
+])
+def test_a_damaged_index_manifest_is_named(tmp_path: Path, gallery, text: str, says: str) -> None:
+    import shutil
+
+    _, _, index_dir = gallery
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    (copy / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(copy / "manifest.json")) + " .*" + re.escape(says)):
+        ShardedIndex.load(copy)
