@@ -27,6 +27,7 @@ from pathlib import Path
 
 import ray
 
+from pipeline.files import check_output_folder
 from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, SearchParams, append_index, build_index
 from pipeline.index.faiss_index import HEAD_MIN_ROWS
 from pipeline.manifests import IndexManifest
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", help="default search strategy: global, class[@N], gated[@N]:TAU, rerank:BETA "
                                            "or a jobs.evaluate --recommend file (default: global)")
     args = parser.parse_args(argv)
+    if problem := check_output_folder(args.output):
+        parser.error(problem)
     try:
         strategy = None if args.strategy is None else Strategy.load(args.strategy).to_json()
         search = SearchParams(ef_search=args.ef_search, head_ef_search=args.head_ef_search, nprobe=args.nprobe,

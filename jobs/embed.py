@@ -32,7 +32,7 @@ from pipeline.embed_output import (
     summarize,
     write_manifest,
 )
-from pipeline.files import write_json_atomically
+from pipeline.files import check_output_folder, write_json_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.model_stages import (
     ClassifyAndEmbed,
@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
     parser.add_argument("--device", default="auto", help="model device inside actors: auto, cpu, cuda")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = parser.parse_args(argv)
+    if problem := check_output_folder(args.output):
+        parser.error(problem)
     try:
         return EmbedConfig(
             inputs=tuple(args.input), output=args.output, classifier=args.classifier, embedder=args.embedder,

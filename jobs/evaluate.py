@@ -57,7 +57,7 @@ from pipeline.evaluation import (
     split,
     write_grids,
 )
-from pipeline.files import sha256_file, write_json_atomically
+from pipeline.files import check_output_folder, sha256_file, write_json_atomically
 from pipeline.index import IndexConfig, build_index
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, CropPolicy, as_spec, load_detector, select_runtime
 from pipeline.search import QueryEngine
@@ -169,6 +169,8 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     parser.add_argument("--recommend", help="write the best strategy for --metric to this file (for "
                                             "jobs.build_index --strategy, jobs.search --strategy, the service)")
     args = parser.parse_args(argv)
+    if problem := check_output_folder(args.output):
+        parser.error(problem)
     try:
         return EvalConfig(output=args.output, data=args.data, dataset=args.dataset, per_class=args.per_class,
                           queries_per_class=args.queries_per_class, seed=args.seed, classifier=args.classifier,

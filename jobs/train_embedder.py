@@ -34,6 +34,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.datasets import list_labelled_images
 from pipeline.files import write_json_atomically
+from pipeline.files import check_output_folder
 from pipeline.training import LOSSES, MINING, TrainConfig, train
 
 logger = logging.getLogger("jobs.train_embedder")
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (default: 1)")
     parser.add_argument("--use-gpu", action="store_true", help="Ray Train: one GPU per worker")
     args = parser.parse_args(argv)
+    if problem := check_output_folder(args.output):
+        parser.error(problem)
     if args.checkpoint_every < 1 or args.num_workers < 1:
         parser.error("--checkpoint-every and --num-workers must be >= 1")
     return args

@@ -1,0 +1,60 @@
+"""Command-line checks that run before any Ray starts: a relative --output under `ray job submit`
+(it would land in Ray's temporary copy of the working dir and be deleted with the session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.files import RAY_JOB_ENV, check_output_folder
+
+
+def test_relative_output_is_fine_outside_a_ray_job(monkeypatch) -> None:
+    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
+    assert check_output_folder("out/rel") is None
+
+
+def test_relative_output_is_refused_in_a_ray_job(monkeypatch) -> None:
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")
+    problem = check_output_folder("out/rel")
+    assert problem and "--output out/rel is a relative path" in problem and "absolute path" in problem
+    assert check_output_folder("/mnt/shared/emb") is None
+    assert check_output_folder("s3://bucket/emb") is None
+
+
+def test_ray_working_dir_copy_is_recognised_by_its_path(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert "temporary copy" in check_output_folder("out/rel", "--output")
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("jobs.embed", ["--input", "in", "--output", "out/rel"]),
+    ("jobs.build_index", ["--embeddings", "/abs/emb", "--output", "out/rel"]),
+    ("jobs.evaluate", ["--dataset", "mnist5000", "--output", "out/rel"]),
+    ("jobs.train_embedder", ["--data", "/abs/data", "--output", "out/rel"]),
+])
+def test_every_job_refuses_it_before_starting_ray(monkeypatch, capsys, module: str, argv: list[str]) -> None:
+    import importlib
+
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")
+    job = importlib.import_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(argv)
+    assert exit_info.value.code == 2
+    assert "relative path" in capsys.readouterr().err
+
+
+def test_faiss_loader_chatter_is_not_shown() -> None:
+    """FAISS logs three INFO lines per process about SIMD builds it could not load; the jobs keep
+    them out of the user's log (its warnings still show)."""
+    import subprocess
+    import sys
+
+    code = "import logging; logging.basicConfig(level=logging.INFO); import jobs.build_index, faiss"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "faiss.loader" not in done.stderr
