@@ -18,6 +18,8 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 
+from pipeline.models.runtime import host_tensor
+
 T = TypeVar("T")
 
 
@@ -57,7 +59,7 @@ class Staging:
         """A uint8 batch on the device: pinned, then copied without blocking the host (call inside :meth:`run`)."""
         if isinstance(array, torch.Tensor):
             return array.to(self.device, non_blocking=True)
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = host_tensor(array)
         if not self.cuda:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)

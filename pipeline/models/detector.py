@@ -10,7 +10,7 @@ import torchvision
 from torchvision.models import get_model, get_model_weights, list_models
 
 from pipeline.models.crop import CropPolicy, Detections, choose_crop
-from pipeline.models.runtime import Runtime, prepare_model, select_runtime
+from pipeline.models.runtime import Runtime, host_tensor, prepare_model, select_runtime
 from pipeline.models.spec import ModelSpec, as_spec
 from pipeline.models.weights import locate_weights, read_state_dict, seeded
 
@@ -37,7 +37,7 @@ class Detector:
         """Runs the detector on RGB images of any sizes (one forward pass for the batch)."""
         if not images:
             return []
-        tensors = [torch.from_numpy(np.ascontiguousarray(im)).to(self.runtime.device).permute(2, 0, 1).float() / 255
+        tensors = [host_tensor(im).to(self.runtime.device).permute(2, 0, 1).float() / 255
                    for im in images]
         with self.runtime.inference():
             outputs = self.model(tensors)

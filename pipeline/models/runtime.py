@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,6 +12,14 @@ import numpy as np
 import torch
 
 from pipeline.images import Preprocess
+
+
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over a numpy batch without copying it. Batches from Ray Data and Arrow are
+    read-only; the models only read their inputs, so torch's warning about that is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ def to_model_input(images: np.ndarray | torch.Tensor, preprocess: Preprocess, ru
     if on_device:  # decoded on the device already (pipeline.device_decode)
         tensor = images.to(runtime.device)
     else:
-        tensor = torch.from_numpy(np.ascontiguousarray(images))
+        tensor = host_tensor(images)
         if runtime.device != "cpu":
             tensor = tensor.pin_memory().to(runtime.device, non_blocking=True)
     mean = torch.tensor(preprocess.mean, device=tensor.device).view(1, 3, 1, 1) * 255.0
