@@ -34,6 +34,7 @@ from pipeline.embed_output import (
 )
 from pipeline.files import check_output_folder, write_json_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.manifests import ModelSet
 from pipeline.model_stages import (
     ClassifyAndEmbed,
     ClassifyImages,
@@ -222,17 +223,23 @@ def resolve_batch_size(config: EmbedConfig, settings: ModelSettings, num_gpus: f
     return size
 
 
-def run(config: EmbedConfig) -> dict:
-    """Runs the job on the current Ray cluster (``ray.init`` must have been called); returns the summary."""
+def prepare(config: EmbedConfig) -> tuple[ModelSet, list]:
+    """What can be checked before Ray starts: the model names and weights (``describe_models``)
+    and the inputs (listed into shards). Raises ValueError or FileNotFoundError; writes nothing."""
+    return describe_models(config), discover_shards(list(config.inputs), config.files_per_shard)
+
+
+def run(config: EmbedConfig, prepared: tuple[ModelSet, list] | None = None) -> dict:
+    """Runs the job on the current Ray cluster (``ray.init`` must have been called); returns the
+    summary. ``prepared``: what ``prepare(config)`` returned, when the caller checked it first."""
     out = Path(config.output)
+    models, shards = prepared or prepare(config)
     check_config(out, config)
     removed = remove_partial_files(out)
     if removed:
         logger.info("removed %d partial files from an interrupted run", removed)
-    models = describe_models(config)
     inputs = {"cls": models.preprocess("classifier"), "emb": models.preprocess("embedder")}
     skip = done_ids(out)
-    shards = discover_shards(list(config.inputs), config.files_per_shard)
     logger.info("%d shards from %d inputs; %d images already done", len(shards), len(config.inputs), len(skip))
 
     start = time.perf_counter()
@@ -259,11 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     """Parses flags, connects to (or starts) Ray, runs the job and prints the summary."""
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        prepared = prepare(config)  # bad model names, weights or inputs fail here, before Ray starts
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not ray.is_initialized():
         # Connects to the cluster under `ray job submit` / RAY_ADDRESS, else starts a local one.
         ray.init(logging_level=logging.WARNING)
     try:
-        summary = run(config)
+        summary = run(config, prepared)
     except (ValueError, FileNotFoundError) as exc:
         # The user's mistake (bad flags, paths, weights): one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)

@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     paths = list(args.images) + (sample_photos() if args.sample_photos else [])
-    classifier = load_classifier(args.classifier, select_runtime(args.device))
+    try:
+        classifier = load_classifier(args.classifier, select_runtime(args.device))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     failures = 0
     ready: list[tuple[Path, np.ndarray]] = []

@@ -58,3 +58,51 @@ def test_faiss_loader_chatter_is_not_shown() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "faiss.loader" not in done.stderr
+
+
+def test_unknown_model_names_are_one_line_with_suggestions() -> None:
+    from pipeline.models.spec import require_known
+
+    with pytest.raises(ValueError, match=r"timm has no model named 'tf_efficientnet_lite9'; did you mean tf_efficientnet_lite"):
+        require_known("timm:tf_efficientnet_lite9")
+    with pytest.raises(ValueError, match="open_clip has no model named 'ViT-Z-99'"):
+        require_known("open_clip:ViT-Z-99/laion")
+    assert require_known("timm:test_efficientnet@random").name == "test_efficientnet"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--classifier", "timm:nonexistent_model"], "unknown model 'timm:nonexistent_model'"),
+    (["--embedder", "open_clip:nonexistent/tag"], "open_clip has no model named 'nonexistent'"),
+])
+def test_embed_checks_models_before_starting_ray(tmp_path: Path, capsys, argv: list[str], says: str) -> None:
+    import ray
+
+    from jobs import embed
+
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    assert embed.main(["--input", str(tmp_path / "in"), "--output", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+    assert not out.exists() and not ray.is_initialized()
+
+
+def test_embed_checks_inputs_before_starting_ray(tmp_path: Path, capsys) -> None:
+    import ray
+
+    from jobs import embed
+
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "missing"), "--output", str(out), "--classifier", "timm:test_efficientnet@random",
+            "--embedder", "timm:test_efficientnet@random"]
+    assert embed.main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists() and not ray.is_initialized()
+
+
+def test_predict_unknown_model_is_one_line(capsys) -> None:
+    from jobs import predict
+
+    assert predict.main(["--classifier", "timm:nonexistent_model@random", "--sample-photos"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown model 'timm:nonexistent_model@random': timm has no model named 'nonexistent_model'")

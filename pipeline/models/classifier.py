@@ -13,7 +13,7 @@ import torch
 from pipeline.images import Preprocess
 from pipeline.labels import LabelSpace, label_space_for, load_label_space
 from pipeline.models.runtime import Runtime, prepare_model, select_runtime, to_model_input
-from pipeline.models.spec import ModelSpec, as_spec
+from pipeline.models.spec import ModelSpec, as_spec, require_known
 from pipeline.models.weights import convert_efficientnet_pytorch, locate_weights, read_state_dict, seeded
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ def load_classifier(spec: str | ModelSpec, runtime: Runtime | None = None, *,
     spec = as_spec(spec)
     if spec.library != "timm":
         raise ValueError(f"classifiers are timm models; got {spec} (use 'timm:<model>')")
+    require_known(spec)
     runtime = runtime or select_runtime()
     model = create_timm_model(spec, cache_dir)
     if not getattr(model, "num_classes", 0):

