@@ -12,8 +12,10 @@ install: $(STAMP)
 
 # Re-runs only when pyproject.toml changes; pip takes torch from the local disk where it lies.
 $(STAMP): pyproject.toml
+	@echo "make install: $(VENV) with lookalike[$(EXTRAS)]; the first time takes several minutes (torch is large)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@$(PY) -c "import torch, ray, faiss; print(f'make install: done (torch {torch.__version__}, ray {ray.__version__}, faiss {faiss.__version__})')"
 	touch $@
 
 # For `python -m jobs.benchmark index --compare-autofaiss` only. autofaiss declares numpy<2, which

@@ -138,7 +138,9 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
 
     # Start every model actor before feeding any: all GPUs share the work from the first batch, and
     # a cluster that cannot host the pool fails with a clear timeout instead of waiting forever.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s
+    context = ray.data.DataContext.get_current()
+    context.wait_for_min_actors_s = config.actor_start_timeout_s
+    context.enable_progress_bars = False  # the job logs its own progress line (Progress)
     out = Path(config.output)
     ds = ray.data.from_items([shard_to_row(s) for s in shards], override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(ReadShards(skip_ids), batch_size=1)
@@ -223,6 +225,24 @@ def resolve_batch_size(config: EmbedConfig, settings: ModelSettings, num_gpus: f
     return size
 
 
+class Progress:
+    """One plain log line every ``every_s`` seconds while parts are written (Ray Data's own
+    progress blocks are turned off: a dozen lines every 10 s in a log)."""
+
+    def __init__(self, done_before: int, every_s: float = 10.0) -> None:
+        self.start = self.last = time.perf_counter()
+        self.done_before, self.images, self.every_s = done_before, 0, every_s
+
+    def add(self, images: int) -> None:
+        self.images += images
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            logger.info("progress: %d images embedded in this run (%.1f images/s)%s", self.images,
+                        self.images / (now - self.start),
+                        f", {self.done_before} done before" if self.done_before else "")
+
+
 def prepare(config: EmbedConfig) -> tuple[ModelSet, list]:
     """What can be checked before Ray starts: the model names and weights (``describe_models``)
     and the inputs (listed into shards). Raises ValueError or FileNotFoundError; writes nothing."""
@@ -247,8 +267,10 @@ def run(config: EmbedConfig, prepared: tuple[ModelSet, list] | None = None) -> d
     batch_size = None
     if shards:
         batch_size, dataset = build_dataset(config, shards, skip, inputs, int(models.embedder["dim"]))
+        progress = Progress(len(skip))
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend({k: batch[k][i] for k in batch} for i in range(len(batch["rows"])))
+            progress.add(int(np.sum(batch["rows"])))
     wall = time.perf_counter() - start
     manifest = write_manifest(out, config, models)
     summary = summarize(rows, wall, manifest)

@@ -106,3 +106,17 @@ def test_predict_unknown_model_is_one_line(capsys) -> None:
     assert predict.main(["--classifier", "timm:nonexistent_model@random", "--sample-photos"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: unknown model 'timm:nonexistent_model@random': timm has no model named 'nonexistent_model'")
+
+
+def test_embed_progress_is_one_plain_line(caplog) -> None:
+    import logging
+
+    from jobs.embed import Progress
+
+    progress = Progress(done_before=7, every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="jobs.embed"):
+        progress.add(16)
+        progress.add(16)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[1].startswith("progress: 32 images embedded in this run (")
+    assert lines[1].endswith("images/s), 7 done before")
