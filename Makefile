@@ -48,26 +48,28 @@ endif
 EVAL_OUT := out/eval-$(EVAL_SET)
 
 demo: install
-	@echo "== 1/7 classify scikit-image's photos (a few seconds)"
+	@echo "make demo: seven steps, about 9 min on 2 CPUs$(if $(FULL), (FULL=1: about 15 min))"
+	@echo "== 1/7 [$$(date +%T)] classify scikit-image's photos (a few seconds)"
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.predict --sample-photos --top 3
-	@echo "== 2/7 write the demo images: 5,000 MNIST digits + photos (about 10 s)"
+	@echo "== 2/7 [$$(date +%T)] write the demo images: 5,000 MNIST digits + photos (a few seconds)"
 	$(PY) -m jobs.demo_data --output out/demo-data
-	@echo "== 3/7 the embedding job on a local Ray (about 2.5 min)"
+	@echo "== 3/7 [$$(date +%T)] the embedding job on a local Ray (about 3 min)"
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.embed --input out/demo-data --output out/demo
-	@echo "== 4/7 build the index and search it (about 20 s)"
+	@echo "== 4/7 [$$(date +%T)] build the index and search it (about 15 s)"
 	$(PY) -m jobs.build_index --embeddings out/demo --output out/demo-index \
 		$$(test -f out/demo-index/manifest.json && echo --append)
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.search --index out/demo-index -k 5 \
 		--image out/demo-data/chelsea.png $$(ls out/demo-data/digit_3/*.png | head -1)
-	@echo "== 5/7 retrieval quality of the pretrained embedding, every strategy ($(EVAL_SET))"
+	@echo "== 5/7 [$$(date +%T)] retrieval quality of the pretrained embedding, every strategy ($(EVAL_SET); quick: about 2 min)"
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.evaluate --dataset mnist5000 $(EVAL_FLAGS) --queries-per-class 50 --output $(EVAL_OUT)
-	@echo "== 6/7 fine-tune the embedder on the gallery split, multi-similarity loss ($(TRAIN_STEPS) steps)"
+	@echo "== 6/7 [$$(date +%T)] fine-tune the embedder on the gallery split, multi-similarity loss ($(TRAIN_STEPS) steps; quick: about 2 min)"
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.train_embedder --data $(EVAL_OUT)/gallery --output out/embedder-$(EVAL_SET) \
 		--input-size 128 --steps $(TRAIN_STEPS)
-	@echo "== 7/7 retrieval quality of both embedders, the recommended strategy, result grids"
+	@echo "== 7/7 [$$(date +%T)] retrieval quality of both embedders, the recommended strategy, result grids (quick: about 2 min)"
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.evaluate --dataset mnist5000 $(EVAL_FLAGS) --queries-per-class 50 --output $(EVAL_OUT) \
 		--finetuned timm:tf_efficientnet_lite0@out/embedder-$(EVAL_SET)/embedder.safetensors --grids 3 \
 		--recommend $(EVAL_OUT)/strategy.json
+	@echo "== done [$$(date +%T)]: index out/demo-index, evaluation $(EVAL_OUT)/results.md"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out

@@ -141,6 +141,7 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     context = ray.data.DataContext.get_current()
     context.wait_for_min_actors_s = config.actor_start_timeout_s
     context.enable_progress_bars = False  # the job logs its own progress line (Progress)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     out = Path(config.output)
     ds = ray.data.from_items([shard_to_row(s) for s in shards], override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(ReadShards(skip_ids), batch_size=1)
