@@ -10,14 +10,14 @@ The synthetic gallery follows what real embeddings measure (this project's Effic
 features of MNIST, Fashion-MNIST and the demo images, README "Index at scale"):
 
 - class centres are related, not random: they share a common direction (embeddings fill a narrow
-  cone: two images of different classes have cosine 0.5-0.75 there, two class centres 0.6-0.98)
+  cone: two images have cosine 0.5-0.75 on average there, two class centres 0.6-0.98)
   and each belongs to one of ``classes / 100`` groups of related classes. Centre = common * 0.63 +
   group * 0.55 + own * 0.55 (unit vectors): centres cosine 0.4 across groups, 0.7 within one.
   ``--random-centres`` draws them independently instead (cosine ~0 in 512 dimensions: thousands
   of isolated clusters, which no real embedding produces and on which graph indexes lose their way);
 - members are the centre plus noise of norm ``--noise`` whose variance falls off as
   1/j^``--spectrum-decay`` over the dimensions in a random orientation per class (measured: j^-1.2
-  to j^-1.4, 90 % of the variance in 50-90 of 1,280 dimensions). ``--isotropic`` spreads it evenly
+  to j^-1.4; pretrained: 90 % of the variance in 69-88 of 1,280 dimensions). ``--isotropic`` spreads it evenly
   over all dimensions: a class is then a ball of random points, the worst case for any approximate
   search.
 """
