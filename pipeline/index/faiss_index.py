@@ -96,7 +96,7 @@ class SearchParams:
 
     def candidates(self, k: int) -> int:
         """How many candidates to take from an approximate index for ``k`` results."""
-        return max(k * self.rerank, k)
+        return k * self.rerank
 
     def faiss_params(self, index: faiss.Index, n: int, head: bool = False) -> faiss.SearchParameters | None:
         """Per-call FAISS parameters for taking ``n`` results from ``index`` (a head class's index

@@ -68,7 +68,9 @@ class Shard:
         if head is not None:
             n = min(params.candidates(k), end - start)
             _, local = head.search(query[None], n, params=params.faiss_params(head, n, head=True))
-            return self.best(query[None], start + local[:, local[0] >= 0], k)
+            scores, positions = self.best(query[None], np.where(local >= 0, start + local, -1), k)
+            keep = positions[0] >= 0
+            return scores[0][keep], positions[0][keep]
         if self.vectors.dtype == np.float16:
             # FAISS computes on half floats directly; numpy would first convert every row (30x slower).
             # One scanner per thread, reused: its buffer keeps its size, so no fresh pages per call.
@@ -95,13 +97,11 @@ class Shard:
         scores, positions = self.index.search(queries, n, params=params.faiss_params(self.index, n))
         if self.exact:
             return scores, positions
-        return self.best(queries, positions, k, batch=True)
+        return self.best(queries, positions, k)
 
-    def best(self, queries: np.ndarray, positions: np.ndarray, k: int,
-             batch: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Re-scores candidate positions (Q, n) exactly from the stored vectors and keeps the best k
-        of each query (ties by position). Returns (Q, k) arrays, or 1-D ones for one query unless
-        ``batch``."""
+    def best(self, queries: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Re-scores candidate positions (Q, n; -1 for none) exactly from the stored vectors and
+        keeps the best k of each query (ties by position): (Q, k) scores and positions, -1 padded."""
         valid = positions >= 0
         rows = np.asarray(self.vectors[np.where(valid, positions, 0).ravel()], dtype=np.float32)
         scores = np.einsum("qnd,qd->qn", rows.reshape(*positions.shape, -1), queries)
@@ -109,10 +109,7 @@ class Shard:
         order = np.lexsort((positions, -scores))[:, :k]
         scores, positions = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
         positions[~np.isfinite(scores)] = -1
-        if batch:
-            return scores, positions
-        keep = positions[0] >= 0
-        return scores[0][keep], positions[0][keep]
+        return scores, positions
 
     def hit(self, position: int, score: float) -> Hit:
         label = self.labels[position].as_py()
