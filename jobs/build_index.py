@@ -18,12 +18,10 @@ file ``jobs.evaluate --recommend`` writes); an index without one is searched glo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import ray
 
@@ -31,6 +29,7 @@ from pipeline.files import check_output_folder
 from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, SearchParams, append_index, build_index
 from pipeline.index.faiss_index import HEAD_MIN_ROWS
 from pipeline.manifests import IndexManifest
+from pipeline.storage import Location
 from pipeline.strategy import Strategy
 
 logger = logging.getLogger("jobs.build_index")
@@ -50,8 +49,8 @@ def _ray_mapper():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.build_index", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--embeddings", type=Path, help="the --output folder of jobs.embed")
-    parser.add_argument("--output", required=True, type=Path, help="index folder")
+    parser.add_argument("--embeddings", help="the --output folder of jobs.embed (a folder or s3://bucket/prefix)")
+    parser.add_argument("--output", required=True, help="index folder (a folder or s3://bucket/prefix)")
     parser.add_argument("--shard-size", type=int, default=1_000_000, help="most rows per shard (default: 1000000)")
     parser.add_argument("--global-index", default="auto", choices=GLOBAL_INDEX_TYPES,
                         help="global search index per shard (auto: exact up to 50k rows, hnsw-sq8 above)")
@@ -78,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if problem := check_output_folder(args.output):
         parser.error(problem)
+    output = Location(args.output)
     try:
         strategy = None if args.strategy is None else Strategy.load(args.strategy).to_json()
         search = SearchParams(ef_search=args.ef_search, head_ef_search=args.head_ef_search, nprobe=args.nprobe,
@@ -90,21 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         if strategy is None:
             parser.error("give --embeddings (to build or --append), or --strategy to set an existing index's")
         try:
-            manifest = replace(IndexManifest.read(args.output), strategy=strategy)
+            manifest = replace(IndexManifest.read(output), strategy=strategy)
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        manifest.write(args.output)
-        print(f"index {args.output.resolve()}: default strategy {strategy['name']}")
+        manifest.write(output)
+        print(f"index {output}: default strategy {strategy['name']}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mapper = _ray_mapper() if args.ray else map
     start = time.perf_counter()
     try:
         if args.append:
-            manifest = append_index(args.embeddings, args.output, mapper=mapper, strategy=strategy)
+            manifest = append_index(args.embeddings, output, mapper=mapper, strategy=strategy)
         else:
-            manifest = build_index(args.embeddings, args.output, config, args.vector_dtype, mapper=mapper,
+            manifest = build_index(args.embeddings, output, config, args.vector_dtype, mapper=mapper,
                                    strategy=strategy, search=search)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     heads = sum(len(s.get("heads", [])) for s in manifest.shards)
     summary = {"rows": manifest.rows, "classes": len(manifest.classes), "shards": len(manifest.shards),
                "global_index": kinds, "head_indexes": heads, "seconds": round(seconds, 2)}
-    (args.output / "build_summary.json").write_text(json.dumps(summary, indent=2))
+    (output / "build_summary.json").write_json(summary)
     default = (manifest.strategy or {}).get("name", "global")
-    print(f"index {args.output.resolve()}: {summary['rows']} images, {summary['classes']} classes, "
+    print(f"index {output}: {summary['rows']} images, {summary['classes']} classes, "
           f"{summary['shards']} shards ({', '.join(kinds)}), {heads} head-class indexes, built in {seconds:.1f} s; default strategy {default}")
     return 0
 

@@ -16,7 +16,6 @@ import logging
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -26,13 +25,14 @@ from pipeline.batch import DecodeImages, ReadShards, WriteParts, shard_to_row
 from pipeline.embed_output import (
     EmbedConfig,
     check_config,
+    committed,
     describe_models,
     done_ids,
     remove_partial_files,
     summarize,
     write_manifest,
 )
-from pipeline.files import check_output_folder, write_json_atomically
+from pipeline.files import check_output_folder
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifests import ModelSet
 from pipeline.model_stages import (
@@ -44,6 +44,7 @@ from pipeline.model_stages import (
 )
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER
 from pipeline.sources import discover_shards
+from pipeline.storage import Location
 from pipeline.tuning import choose_batch_size, model_batch_runner
 
 logger = logging.getLogger("jobs.embed")
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
     parser = argparse.ArgumentParser(prog="python -m jobs.embed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", action="append", required=True, metavar="PATH_OR_URI",
                         help="folder (flat or class sub-folders), tar, webdataset shard or parquet; repeatable")
-    parser.add_argument("--output", required=True, help="output folder (a shared filesystem on a cluster)")
+    parser.add_argument("--output", required=True,
+                        help="output folder: on a cluster a shared filesystem or an object store (s3://bucket/prefix)")
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help=f"default: {DEFAULT_CLASSIFIER}")
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help=f"default: {DEFAULT_EMBEDDER}")
     parser.add_argument("--top-n", type=int, default=5, help="predicted classes kept per image (default: 5)")
@@ -142,7 +144,7 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     context.wait_for_min_actors_s = config.actor_start_timeout_s
     context.enable_progress_bars = False  # the job logs its own progress line (Progress)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
-    out = Path(config.output)
+    out = Location(config.output)
     ds = ray.data.from_items([shard_to_row(s) for s in shards], override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(ReadShards(skip_ids), batch_size=1)
     if config.limit:
@@ -253,14 +255,15 @@ def prepare(config: EmbedConfig) -> tuple[ModelSet, list]:
 def run(config: EmbedConfig, prepared: tuple[ModelSet, list] | None = None) -> dict:
     """Runs the job on the current Ray cluster (``ray.init`` must have been called); returns the
     summary. ``prepared``: what ``prepare(config)`` returned, when the caller checked it first."""
-    out = Path(config.output)
+    out = Location(config.output)
     models, shards = prepared or prepare(config)
     check_config(out, config)
-    removed = remove_partial_files(out)
+    parts = committed(out)
+    removed = remove_partial_files(out, parts)
     if removed:
-        logger.info("removed %d partial files from an interrupted run", removed)
+        logger.info("removed %d unfinished files (parts without a record) from an interrupted run", removed)
     inputs = {"cls": models.preprocess("classifier"), "emb": models.preprocess("embedder")}
-    skip = done_ids(out)
+    skip = done_ids(out, parts)
     logger.info("%d shards from %d inputs; %d images already done", len(shards), len(config.inputs), len(skip))
 
     start = time.perf_counter()
@@ -281,7 +284,7 @@ def run(config: EmbedConfig, prepared: tuple[ModelSet, list] | None = None) -> d
     summary["images_by_worker"] = dict(sorted(by_worker.items()))
     summary["config"] = config.to_json()
     summary["batch_size"] = batch_size  # as run (``auto`` resolved), None when nothing was left to do
-    write_json_atomically(summary, out / "summary.json")
+    (out / "summary.json").write_json(summary)
     return summary
 
 
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({', '.join(f'{k}: {v}' for k, v in counts['failed_by_type'].items()) or 'none'}); "
           f"this run: {summary['embedded_this_run']} images in {summary['wall_s']} s "
           f"({summary['images_per_s']} images/s)")
-    print(f"outputs: {Path(config.output).resolve()}/{{embeddings,errors,manifest.json,summary.json}}")
+    print(f"outputs: {Location(config.output)}/{{embeddings,errors,manifest.json,summary.json}}")
     return 0
 
 

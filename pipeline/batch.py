@@ -7,7 +7,7 @@ seconds per row to a ``*_s`` column so the job can report throughput per stage.
     DecodeImages                   -> id, uri, label, image_<name> (uint8, per model input);
                                       failures are written as error parts and dropped
     (pipeline.model_stages)        -> classes, class_probs, embedding
-    WriteParts                     -> one parquet part per batch; returns (part, rows, seconds)
+    WriteParts                     -> one parquet part per batch, then its record; returns (part, rows, seconds)
 
 This module imports no torch and no model library, so the read and decode workers start light; the
 model stages are in :mod:`pipeline.model_stages`.
@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.files import write_table_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode_image, resize_image
+from pipeline.parts import write_part
 from pipeline.sources import Shard, read_shard, uri_id
+from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +100,14 @@ def shard_to_row(shard: Shard) -> dict[str, str]:
     return {"shard": json.dumps(payload)}
 
 
-def write_errors(failures: list[tuple[int, str, str, str, str]], errors_dir: Path) -> None:
-    """Writes ``(id, uri, stage, error_type, message)`` rows as one error part (nothing if none)."""
+def write_errors(failures: list[tuple[int, str, str, str, str]], errors_dir: str | Path | Location) -> None:
+    """Writes ``(id, uri, stage, error_type, message)`` rows as one committed error part (nothing if
+    none)."""
     if not failures:
         return
     columns = list(zip(*failures))
     table = pa.table({field.name: pa.array(col, type=field.type) for field, col in zip(ERROR_SCHEMA, columns)})
-    write_table_atomically(table, Path(errors_dir) / part_name(np.array(columns[0])))
+    write_part(Location(errors_dir), part_name(np.array(columns[0])), table)
 
 
 class DecodeImages:
@@ -117,16 +119,16 @@ class DecodeImages:
     Args:
         inputs: model input name -> its preprocessing (e.g. ``{"cls": ..., "emb": ...}``); names
             that share a preprocessing share one resized array.
-        errors_dir: where error parts go.
+        errors_dir: where error parts go (a local folder or an object store URI).
         max_pixels: decode guard (see :func:`pipeline.images.decode_image`).
     """
 
-    def __init__(self, inputs: dict[str, Preprocess], errors_dir: str | Path,
+    def __init__(self, inputs: dict[str, Preprocess], errors_dir: str | Path | Location,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if not inputs:
             raise ValueError("DecodeImages needs at least one model input")
         self.inputs = inputs
-        self.errors_dir = Path(errors_dir)
+        self.errors_dir = Location(errors_dir)
         self.max_pixels = max_pixels
         self.draft_size = max(p.draft_size for p in inputs.values())
 
@@ -164,16 +166,17 @@ class DecodeImages:
 
 
 class WriteParts:
-    """Writes each batch as one parquet part (atomically) and returns a one-row summary of it.
+    """Writes each batch as one committed parquet part (:mod:`pipeline.parts`) and returns a one-row
+    summary of it.
 
     Args:
-        out_dir: the embeddings folder.
+        out_dir: the embeddings folder (a local folder or an object store URI).
         dim: embedding dimension.
         embedding_dtype: ``float32`` or ``float16``.
     """
 
-    def __init__(self, out_dir: str | Path, dim: int, embedding_dtype: str = "float32") -> None:
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir: str | Path | Location, dim: int, embedding_dtype: str = "float32") -> None:
+        self.out_dir = Location(out_dir)
         self.schema = embedding_schema(dim, embedding_dtype)
         self.dim = dim
 
@@ -193,7 +196,7 @@ class WriteParts:
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embedding, value_type), self.dim),
         }, schema=self.schema)
         name = part_name(batch["id"])
-        write_table_atomically(table, self.out_dir / name)
+        write_part(self.out_dir, name, table)
         worker = str(batch["worker"][0]) if "worker" in batch else "-"
         return {"part": np.array([name], dtype=object), "rows": np.array([n], dtype=np.int64),
                 "worker": np.array([worker], dtype=object),

@@ -1,27 +1,25 @@
 """The output folder of an embedding run, and the run's settings.
 
     OUT/config.json        the settings of the last run (the output-defining ones must not change)
-    OUT/embeddings/*.parquet, OUT/errors/*.parquet   one part per batch, written atomically
-    OUT/manifest.json      pipeline.manifests.EmbeddingManifest
+    OUT/embeddings/part-*.parquet, OUT/errors/part-*.parquet   one part per batch, each committed by
+                           its record part-*.json (pipeline.parts)
+    OUT/manifest.json      pipeline.manifests.EmbeddingManifest: the committed parts, written last
     OUT/summary.json       throughput and counts of the last run
 
-Re-running into the same folder resumes: ids already in the parts are skipped. The Ray wiring that
-fills the folder is ``jobs/embed.py``; everything here runs without Ray.
+OUT is a local (or shared) folder or an object store URI (``s3://bucket/prefix``,
+:mod:`pipeline.storage`). Re-running into the same folder resumes: ids in committed parts are
+skipped, parts without a record are deleted and done again. The Ray wiring that fills the folder is
+``jobs/embed.py``; everything here runs without Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipeline.files import sha256_file, write_json_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifests import EmbeddingManifest, ModelSet
 from pipeline.models import (
@@ -34,6 +32,8 @@ from pipeline.models import (
     select_runtime,
     trained_embedding_metadata,
 )
+from pipeline.parts import committed_parts, read_column, remove_uncommitted
+from pipeline.storage import Location
 
 
 @dataclass(frozen=True)
@@ -107,64 +107,69 @@ class EmbedConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def check_config(out: Path, config: EmbedConfig) -> None:
+def check_config(out: Location, config: EmbedConfig) -> None:
     """Refuses to mix outputs of different models in one folder; records the config otherwise."""
     path = out / "config.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
+    if path.is_file():
+        previous = path.read_json()
         changed = {k: (previous.get(k), getattr(config, k)) for k in EmbedConfig.OUTPUT_FIELDS
                    if previous.get(k) != getattr(config, k)}
         if changed:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"{out} holds outputs made with other settings ({details}); "
                              f"use a new --output folder, or delete {out} to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(config.to_json(), path)
+    out.make_folder()
+    path.write_json(config.to_json())
 
 
-def remove_partial_files(out: Path) -> int:
-    """Deletes temporary files an interrupted run left behind (parts are renamed only when complete)."""
-    removed = 0
-    for folder in (out / "embeddings", out / "errors"):
-        for tmp in folder.glob(".tmp-*"):
-            tmp.unlink()
-            removed += 1
-    return removed
+def _listed(out: Location) -> dict[str, dict[str, dict]]:
+    """The parts the folder's manifest lists, per folder (none when there is no manifest yet)."""
+    if not (out / "manifest.json").is_file():
+        return {"embeddings": {}, "errors": {}}
+    manifest = EmbeddingManifest.read(out)
+    listed: dict[str, dict[str, dict]] = {"embeddings": {}, "errors": {}}
+    for part in manifest.parts + manifest.error_parts:
+        folder, name = part["path"].split("/", 1)
+        listed[folder][name] = {k: v for k, v in part.items() if k != "path"}
+    return listed
 
 
-def done_ids(out: Path) -> np.ndarray:
-    """Ids already present in the embedding and error parts (sorted)."""
-    ids = [pq.read_table(p, columns=["id"])["id"].to_numpy()
-           for folder in ("embeddings", "errors") for p in sorted((out / folder).glob("part-*.parquet"))]
+def committed(out: Location) -> dict[str, dict[str, dict]]:
+    """The committed parts of an output folder: ``{"embeddings": {name: record}, "errors": {...}}``."""
+    listed = _listed(out)
+    return {folder: committed_parts(out / folder, listed[folder]) for folder in ("embeddings", "errors")}
+
+
+def remove_partial_files(out: Location, parts: dict[str, dict[str, dict]]) -> int:
+    """Deletes what an interrupted run left that no record names (``parts``: :func:`committed`)."""
+    return sum(remove_uncommitted(out / folder, parts[folder]) for folder in ("embeddings", "errors"))
+
+
+def done_ids(out: Location, parts: dict[str, dict[str, dict]] | None = None) -> np.ndarray:
+    """Ids already present in the committed embedding and error parts (sorted)."""
+    parts = parts or committed(out)
+    ids = [c for folder in ("embeddings", "errors") for c in read_column(out / folder, list(parts[folder]), "id")]
     return np.sort(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
 
 
-def _parts(folder: Path) -> list[dict]:
-    paths = sorted(folder.glob("part-*.parquet"))
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        hashes = list(pool.map(sha256_file, paths))
-    return [{"path": f"{folder.name}/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows, "sha256": h}
-            for p, h in zip(paths, hashes)]
-
-
-def write_manifest(out: Path, config: EmbedConfig, models: ModelSet) -> EmbeddingManifest:
-    """Scans the output folder and writes ``manifest.json``.
+def write_manifest(out: Location, config: EmbedConfig, models: ModelSet) -> EmbeddingManifest:
+    """Lists the committed parts in ``manifest.json`` (written last: it commits the run).
 
     Raises:
         RuntimeError: an id appears twice (outputs are inconsistent; a bug, never expected).
     """
-    embedding_parts, error_parts = _parts(out / "embeddings"), _parts(out / "errors")
-    ids = done_ids(out)
+    parts = committed(out)
+    ids = done_ids(out, parts)
     if len(ids) != len(np.unique(ids)):
         raise RuntimeError(f"{out}: {len(ids) - len(np.unique(ids))} ids appear twice in the outputs")
-    failures: Counter[str] = Counter()
-    for part in (out / "errors").glob("part-*.parquet"):
-        failures.update(pq.read_table(part, columns=["error_type"])["error_type"].to_pylist())
-    embedded = sum(p["rows"] for p in embedding_parts)
-    failed = sum(p["rows"] for p in error_parts)
+    failures = Counter(t for c in read_column(out / "errors", list(parts["errors"]), "error_type") for t in c)
+    entries = {folder: [{"path": f"{folder}/{name}", **record} for name, record in parts[folder].items()]
+               for folder in parts}
+    embedded = sum(p["rows"] for p in entries["embeddings"])
+    failed = sum(p["rows"] for p in entries["errors"])
     manifest = EmbeddingManifest(
         models=models, inputs=list(config.inputs), top_n=config.top_n, embedding_dtype=config.embedding_dtype,
-        max_pixels=config.max_pixels, parts=embedding_parts, error_parts=error_parts,
+        max_pixels=config.max_pixels, parts=entries["embeddings"], error_parts=entries["errors"],
         counts={"seen": embedded + failed, "embedded": embedded, "failed": failed,
                 "failed_by_type": dict(sorted(failures.items()))})
     manifest.write(out)

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.files import write_json_atomically
 from pipeline.images import DEFAULT_MAX_PIXELS, Preprocess
+from pipeline.storage import Location
 
 #: Version of the embedding row schemas and of their manifest.
 EMBEDDING_SCHEMA_VERSION = 1
@@ -88,13 +88,15 @@ class ModelSet:
         return getattr(self, role)
 
 
-def _read(path: Path, hint: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; {hint}")
+def _read(path: Location, hint: str) -> dict:
     try:
-        raw = json.loads(path.read_text())
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FileNotFoundError(f"{path} not found; {hint}") from None
+    try:
+        raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        what = "is empty" if not path.stat().st_size else f"is not valid JSON ({exc})"
+        what = "is empty" if not data else f"is not valid JSON ({exc})"
         raise ValueError(f"{path} {what}; {hint}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not a manifest object; {hint}")
@@ -102,7 +104,7 @@ def _read(path: Path, hint: str) -> dict:
 
 
 @contextlib.contextmanager
-def _damaged(path: Path, hint: str) -> Iterator[None]:
+def _damaged(path: Location, hint: str) -> Iterator[None]:
     """Turns a missing or mistyped field of a manifest into one error naming the file and the field."""
     try:
         yield
@@ -136,18 +138,18 @@ class EmbeddingManifest:
         out["models"] = self.models.to_json()
         return {"schema_version": out.pop("schema_version"), "created": out.pop("created"), **out}
 
-    def write(self, folder: str | Path) -> None:
-        write_json_atomically(self.to_json(), Path(folder) / "manifest.json")
+    def write(self, folder: str | Path | Location) -> None:
+        (Location(folder) / "manifest.json").write_json(self.to_json())
 
     @classmethod
-    def read(cls, folder: str | Path) -> "EmbeddingManifest":
-        """Reads ``folder/manifest.json``.
+    def read(cls, folder: str | Path | Location) -> "EmbeddingManifest":
+        """Reads ``folder/manifest.json`` (a local folder or an object store URI).
 
         Raises:
             FileNotFoundError: not a finished embedding output.
             ValueError: another schema version, or not a manifest.
         """
-        path = Path(folder) / "manifest.json"
+        path = Location(folder) / "manifest.json"
         raw = _read(path, "it must be the --output folder of a finished `python -m jobs.embed` run")
         if raw.get("schema_version") != EMBEDDING_SCHEMA_VERSION:
             raise ValueError(f"{path}: embedding schema_version {raw.get('schema_version')} is not "
@@ -199,22 +201,22 @@ class IndexManifest:
         out["models"] = self.models.to_json()
         return {"schema_version": out.pop("schema_version"), "created": out.pop("created"), **out}
 
-    def write(self, folder: str | Path) -> None:
-        write_json_atomically(self.to_json(), Path(folder) / "manifest.json", indent=1)
+    def write(self, folder: str | Path | Location) -> None:
+        (Location(folder) / "manifest.json").write_json(self.to_json(), indent=1)
 
     @classmethod
-    def read(cls, folder: str | Path) -> "IndexManifest":
-        """Reads ``folder/manifest.json``.
+    def read(cls, folder: str | Path | Location) -> "IndexManifest":
+        """Reads ``folder/manifest.json`` (a local folder or an object store URI).
 
         Raises:
             FileNotFoundError: no index there.
             ValueError: a schema version this code cannot read, or not a manifest.
         """
-        path = Path(folder) / "manifest.json"
+        path = Location(folder) / "manifest.json"
         raw = _read(path, "build an index with `python -m jobs.build_index`")
         version = raw.get("schema_version")
         if version not in _READABLE_INDEX_VERSIONS:
-            raise ValueError(f"{Path(folder)}: index schema_version {version} is not {INDEX_SCHEMA_VERSION}; "
+            raise ValueError(f"{Location(folder)}: index schema_version {version} is not {INDEX_SCHEMA_VERSION}; "
                              f"rebuild it with this version")
         with _damaged(path, "rebuild the index with `python -m jobs.build_index`"):
             return cls(models=ModelSet.from_json(raw["models"]), dim=int(raw["dim"]), vector_dtype=raw["vector_dtype"],

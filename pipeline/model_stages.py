@@ -189,7 +189,7 @@ class DecodeOnDevice(ModelStage):
         self.model_stage = stage
         self.inputs = {f"image_{name}": pre for name, pre in inputs.items()}
         self.image_columns = tuple(self.inputs)
-        self.errors_dir = Path(errors_dir)
+        self.errors_dir = str(errors_dir)
         self.max_pixels = max_pixels
         self.staging, self.compute_lock = stage.staging, stage.compute_lock
 

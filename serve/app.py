@@ -35,6 +35,7 @@ from pipeline.models import CropPolicy, load_classifier, load_detector, load_emb
 from pipeline.search import QueryPreprocess, class_answers, merge_hits
 from pipeline.strategy import Strategy
 from pipeline.sources import read_uri
+from pipeline.storage import Location
 
 logger = logging.getLogger("serve.app")
 PAGE = Path(__file__).with_name("page.html")
@@ -390,7 +391,7 @@ def build_app(args: dict) -> serve.Application:
         FileNotFoundError: no index.
     """
     config = AppConfig(**{k: v for k, v in args.items()})
-    index = Path(config.index).expanduser().resolve()
+    index = Location(config.index)  # a folder, or an object store URI (replicas copy their shards locally)
     manifest = IndexManifest.read(index)  # FileNotFoundError that says how to build one
     specs = manifest.models.specs()
     overrides = {role: spec for role, spec in (("classifier", config.classifier), ("embedder", config.embedder))

@@ -25,6 +25,28 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def s3_bucket(monkeypatch) -> str:
+    """A real S3-compatible HTTP server (moto's) on 127.0.0.1 with one empty bucket; the standard AWS
+    variables point this process, and the jobs it starts, at it. Yields the bucket's URI."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    pafs.FileSystem.from_uri("s3://lookalike-test?allow_bucket_creation=true")[0].create_dir("lookalike-test")
+    try:
+        yield "s3://lookalike-test"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 

@@ -13,12 +13,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import ray
 from conftest import TINY_CLASSIFIER, assert_same_ranking, free_port, make_class_folders
 
+from jobs.build_index import main as build_index_main
 from jobs.embed import EmbedConfig, run
+from pipeline.index import IndexIntegrityError, ShardedIndex
+from pipeline.manifests import EmbeddingManifest
+from pipeline.parts import committed_parts
+from pipeline.search import QueryEngine
+from pipeline.storage import Location
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 
@@ -108,42 +114,77 @@ def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head) -> None:
     assert sum(manifest["counts"]["failed_by_type"].values()) == 1
 
 
-def test_killed_job_resumes_to_identical_rows(tmp_path: Path) -> None:
-    """SIGKILL the job (and its local Ray) once parts exist, run it again: same rows as a clean run."""
+def test_killed_job_on_object_storage_resumes_indexes_and_searches_like_local_disk(
+        tmp_path: Path, s3_bucket: str, monkeypatch) -> None:
+    """Job -> SIGKILL -> resume -> index -> search on an S3 server (moto's, over HTTP), beside the
+    same job on local disk: the same rows, the same index, the same answers."""
     make_class_folders(tmp_path / "data", classes=4, per_class=16, bad=2)
     model = "timm:tf_efficientnet_lite0@random"
     args = ["--input", str(tmp_path / "data"), "--classifier", model, "--embedder", model,
             "--batch-size", "4", "--decode-batch-size", "4"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # with the fixture's AWS variables
+    remote = Location(f"{s3_bucket}/run/emb")
 
-    def job(out: Path, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "jobs.embed", *args, "--output", str(out)], cwd=REPO,
+    def job(out: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "jobs.embed", *args, "--output", out], cwd=REPO,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
 
-    def rows(out: Path) -> dict:
+    def rows(out: Location) -> dict:
         found = {}
-        for part in (out / "embeddings").glob("part-*.parquet"):
-            for row in pq.read_table(part, columns=["id", "uri", "classes", "class_probs"]).to_pylist():
+        for name in committed_parts(out / "embeddings"):
+            for row in (out / "embeddings" / name).read_parquet(["id", "uri", "classes", "class_probs"]).to_pylist():
                 assert row["id"] not in found
                 found[row["id"]] = row
         return found
 
-    reference = job(tmp_path / "clean")  # the reference run goes on beside the one that gets killed
-    victim = job(tmp_path / "killed", start_new_session=True)
+    reference = job(str(tmp_path / "clean"))  # the local-disk run goes on beside the one that gets killed
+    victim = job(remote.uri, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "killed" / "embeddings").glob("part-*.parquet")):
+    while not (remote / "embeddings").list("part-*.json"):  # a part committed by its record
         assert victim.poll() is None, "the job ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
-    written = len(rows(tmp_path / "killed"))
+    written = len(rows(remote))
     assert written < 64, "killed too late to test anything"
-    assert job(tmp_path / "killed").wait(timeout=600) == 0
+    # What a writer killed mid-upload (or closed on an error) can leave: an object under a part's
+    # final name that no record commits. The resumed run must not trust it.
+    (remote / "embeddings" / "part-00000000000000000000.parquet").write_bytes(b"PAR1 half a part")
+    assert job(remote.uri).wait(timeout=600) == 0
     assert reference.wait(timeout=600) == 0
-    resumed, clean = rows(tmp_path / "killed"), rows(tmp_path / "clean")
+    assert "part-00000000000000000000.parquet" not in (remote / "embeddings").list()
+    resumed, clean = rows(remote), rows(Location(tmp_path / "clean"))
     assert {i: r["uri"] for i, r in resumed.items()} == {i: r["uri"] for i, r in clean.items()}
     for i, row in clean.items():  # other batches, other processes: equal up to near-tied classes
         assert_same_ranking(resumed[i]["classes"], resumed[i]["class_probs"], row["classes"], row["class_probs"])
-    manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
-    assert manifest["counts"]["seen"] == 66 and manifest["counts"]["failed"] == 2
+    manifest = EmbeddingManifest.read(remote)
+    assert manifest.counts["seen"] == 66 and manifest.counts["failed"] == 2
+    assert {p["path"] for p in manifest.parts} == {f"embeddings/{n}" for n in committed_parts(remote / "embeddings")}
+
+    # Index both outputs (on S3 and on disk), then search both the same way.
+    remote_index = f"{s3_bucket}/run/index"
+    assert build_index_main(["--embeddings", remote.uri, "--output", remote_index, "--head-min-rows", "10"]) == 0
+    assert build_index_main(["--embeddings", str(tmp_path / "clean"), "--output", str(tmp_path / "index"),
+                             "--head-min-rows", "10"]) == 0
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    local_engine, remote_engine = QueryEngine.load(str(tmp_path / "index")), QueryEngine.load(remote_index)
+    assert remote_engine.index.manifest.classes == local_engine.index.manifest.classes
+    queries = sorted((tmp_path / "data").glob("class*/img00[0-3].jpg"))
+    for query in queries:
+        for strategy in ("global", "class@1"):
+            got = remote_engine.search([query.read_bytes()], k=5, strategy=strategy)[0]
+            want = local_engine.search([query.read_bytes()], k=5, strategy=strategy)[0]
+            assert_same_ranking([h.id for h in got.hits], [h.score for h in got.hits],
+                                [h.id for h in want.hits], [h.score for h in want.hits], atol=1e-4)
+
+    # The cache is checked against the manifest's sha256: a damaged copy is fetched again, a
+    # damaged object in the store is refused.
+    cached = next((tmp_path / "cache").glob("index-*/shards/0000/vectors.npy"))
+    cached.write_bytes(b"\0" * cached.stat().st_size)
+    again = ShardedIndex.load(remote_index)
+    assert len(again) == 64 and np.load(cached).shape == (64, remote_engine.index.dim)
+    (Location(remote_index) / "shards" / "0000" / "rows.parquet").write_bytes(b"PAR1 not the rows")
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(IndexIntegrityError, match="rows.parquet is corrupted"):
+        ShardedIndex.load(remote_index)

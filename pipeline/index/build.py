@@ -8,8 +8,10 @@ shard's bucket, so memory holds one part at a time, never the whole gallery.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.files import sha256_file
 from pipeline.index.faiss_index import IndexConfig, SearchParams, build_faiss_index, choose_index_type, head_file
 from pipeline.manifests import EmbeddingManifest, IndexManifest
+from pipeline.storage import Location
 
 ROW_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
                         ("class", pa.int32()), ("class_prob", pa.float32())])
@@ -48,12 +51,15 @@ def plan_shards(class_counts: dict[int, int], shard_size: int) -> list[list[int]
     return shards
 
 
-def write_shard(directory: Path, rows: pa.Table, vectors: np.ndarray, config: IndexConfig,
+def write_shard(directory: Location, rows: pa.Table, vectors: np.ndarray, config: IndexConfig,
                 dtype: str = "float32") -> dict:
     """Writes one shard (rows already sorted by class, id) and returns its manifest entry.
 
+    The files are built in a local folder first, then moved (a local index) or uploaded (an object
+    store) to ``directory``; the index manifest, written after every shard, is what commits them.
+
     Args:
-        directory: the shard's folder (replaced atomically when it exists).
+        directory: the shard's folder (replaced when it exists).
         rows: ``ROW_SCHEMA`` table, one row per vector, sorted by (class, id).
         vectors: (rows, dim) L2-normalised embeddings in the same order.
         config: index settings.
@@ -61,10 +67,13 @@ def write_shard(directory: Path, rows: pa.Table, vectors: np.ndarray, config: In
     """
     if rows.num_rows != len(vectors):
         raise ValueError(f"{rows.num_rows} rows but {len(vectors)} vectors")
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if directory.remote:
+        tmp = Path(tempfile.mkdtemp(prefix="lookalike-shard-"))
+    else:
+        tmp = directory.path.with_name(f".tmp-{directory.name}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     np.save(tmp / "vectors.npy", np.ascontiguousarray(vectors, dtype=dtype))
     pq.write_table(rows, tmp / "rows.parquet")
     kind = choose_index_type(len(vectors), config)
@@ -75,11 +84,20 @@ def write_shard(directory: Path, rows: pa.Table, vectors: np.ndarray, config: In
     for cls in heads:
         start, end = ranges[cls]
         faiss.write_index(build_faiss_index(vectors[start:end], "hnsw-sq8", config), str(tmp / head_file(cls)))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
     files = {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-             for path in sorted(directory.iterdir())}
+             for path in sorted(tmp.iterdir())}
+    if directory.remote:
+        try:
+            for name in files:
+                (directory / name).upload(tmp / name)
+            for stale in set(directory.list()) - set(files):  # e.g. a class that is no longer a head
+                (directory / stale).delete()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        if directory.path.exists():
+            shutil.rmtree(directory.path)
+        os.replace(tmp, directory.path)
     return {"path": f"shards/{directory.name}", "rows": int(len(vectors)), "index_type": kind,
             "classes": ranges, "heads": heads, "files": files}
 
@@ -93,9 +111,9 @@ def class_ranges(classes: np.ndarray) -> dict[int, list[int]]:
     return {int(classes[s]): [int(s), int(e)] for s, e in zip(starts, ends)}
 
 
-def _read_embedding_parts(parts: Iterable[Path], columns: list[str]) -> Iterable[pa.Table]:
+def _read_embedding_parts(parts: Iterable[Location], columns: list[str]) -> Iterable[pa.Table]:
     for part in parts:
-        yield pq.read_table(part, columns=columns)
+        yield part.read_parquet(columns)
 
 
 def _rows_and_vectors(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
@@ -122,22 +140,24 @@ def _sort_shard(rows: pa.Table, vectors: np.ndarray) -> tuple[pa.Table, np.ndarr
     return rows.take(pa.array(order)), vectors[order]
 
 
-def embedding_parts(embeddings_dir: Path) -> tuple[list[Path], EmbeddingManifest]:
-    """The part files and the manifest of an embedding job output folder.
+def embedding_parts(embeddings_dir: Location) -> tuple[list[Location], EmbeddingManifest]:
+    """The part files the manifest of an embedding job output folder lists, and the manifest.
 
     Raises:
         FileNotFoundError: not an embedding job output (no manifest.json), or parts missing.
     """
     manifest = EmbeddingManifest.read(embeddings_dir)
     parts = [embeddings_dir / p["path"] for p in manifest.parts]
-    missing = [str(p) for p in parts if not p.is_file()]
+    present = {f"{folder}/{name}" for folder in {p["path"].split("/")[0] for p in manifest.parts}
+               for name in (embeddings_dir / folder).list("part-*.parquet")}
+    missing = [str(embeddings_dir / p["path"]) for p in manifest.parts if p["path"] not in present]
     if missing:
         raise FileNotFoundError(f"embedding parts listed in {embeddings_dir / 'manifest.json'} are missing: "
                                 f"{missing[:3]}")
     return parts, manifest
 
 
-def count_classes(parts: list[Path], skip_ids: np.ndarray | None = None) -> dict[int, int]:
+def count_classes(parts: list[Location], skip_ids: np.ndarray | None = None) -> dict[int, int]:
     """Rows per top-1 class over the parts (reads only the id and classes columns)."""
     skip = np.sort(skip_ids) if skip_ids is not None else np.zeros(0, np.int64)
     counts: dict[int, int] = {}
@@ -149,8 +169,8 @@ def count_classes(parts: list[Path], skip_ids: np.ndarray | None = None) -> dict
     return counts
 
 
-def write_buckets(parts: list[Path], scratch: Path, shard_of: dict[int, int],
-                  skip_ids: np.ndarray | None = None) -> tuple[dict[int, Path], int]:
+def write_buckets(parts: list[Location], scratch: Location, shard_of: dict[int, int],
+                  skip_ids: np.ndarray | None = None) -> tuple[dict[int, Location], int]:
     """One streaming pass: each row goes to its shard's bucket file. Memory holds one part at a
     time, never the whole gallery.
 
@@ -158,9 +178,9 @@ def write_buckets(parts: list[Path], scratch: Path, shard_of: dict[int, int],
         ``({shard: bucket file}, dim)``.
     """
     skip = np.sort(skip_ids) if skip_ids is not None else np.zeros(0, np.int64)
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch.make_folder()
     writers: dict[int, pq.ParquetWriter] = {}
-    buckets: dict[int, Path] = {}
+    buckets: dict[int, Location] = {}
     dim = 0
     for table in _read_embedding_parts(parts, ["id", "uri", "label", "classes", "class_probs", "embedding"]):
         dim = table.schema.field("embedding").type.list_size
@@ -172,7 +192,7 @@ def write_buckets(parts: list[Path], scratch: Path, shard_of: dict[int, int],
             piece = table.filter(pa.array(targets == s))
             if s not in writers:
                 buckets[s] = scratch / f"bucket-{s:04d}.parquet"
-                writers[s] = pq.ParquetWriter(buckets[s], piece.schema)
+                writers[s] = pq.ParquetWriter(buckets[s].key, piece.schema, filesystem=buckets[s].fs)
             writers[s].write_table(piece)
     for writer in writers.values():
         writer.close()
@@ -186,20 +206,22 @@ def _not_in(values: np.ndarray, sorted_skip: np.ndarray) -> np.ndarray:
     return sorted_skip[pos] != values
 
 
-def build_shard_from_bucket(bucket: Path, directory: Path, config: IndexConfig, dtype: str = "float32",
-                            existing: Path | None = None) -> dict:
+def build_shard_from_bucket(bucket: Location, directory: Location, config: IndexConfig, dtype: str = "float32",
+                            existing: Location | None = None) -> dict:
     """Builds one shard from its bucket file (plus, when appending, the shard's current contents)."""
-    rows, vectors = _rows_and_vectors(pq.read_table(bucket))
+    rows, vectors = _rows_and_vectors(bucket.read_parquet())
     if existing is not None:
-        old_rows = pq.read_table(existing / "rows.parquet")
-        old_vectors = np.load(existing / "vectors.npy", mmap_mode="r").astype(np.float32)
+        old_rows = (existing / "rows.parquet").read_parquet()
+        stored = existing / "vectors.npy"
+        old_vectors = (np.load(io.BytesIO(stored.read_bytes())) if stored.remote
+                       else np.load(stored.path, mmap_mode="r")).astype(np.float32)
         rows = pa.concat_tables([old_rows, rows])
         vectors = np.concatenate([old_vectors, vectors])
     rows, vectors = _sort_shard(rows, vectors)
     return write_shard(directory, rows, vectors, config, dtype)
 
 
-def write_index_manifest(index_dir: Path, shards: list[dict], source: EmbeddingManifest | IndexManifest,
+def write_index_manifest(index_dir: Location, shards: list[dict], source: EmbeddingManifest | IndexManifest,
                          config: IndexConfig, dim: int, dtype: str, sources: list[str],
                          strategy: dict | None = None, search: SearchParams | None = None) -> IndexManifest:
     """Writes the index ``manifest.json``: the shards, where each class lies, the models and
@@ -218,7 +240,7 @@ def write_index_manifest(index_dir: Path, shards: list[dict], source: EmbeddingM
     return manifest
 
 
-def _shard_dir(index_dir: Path, number: int) -> Path:
+def _shard_dir(index_dir: Location, number: int) -> Location:
     return index_dir / "shards" / f"{number:04d}"
 
 
@@ -226,14 +248,14 @@ def _shard_jobs_map(jobs: list[tuple], mapper) -> list[dict]:
     return list(mapper(lambda job: build_shard_from_bucket(*job), jobs))
 
 
-def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: IndexConfig = IndexConfig(),
+def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, config: IndexConfig = IndexConfig(),
                 dtype: str = "float32", mapper=map, strategy: dict | None = None,
                 search: SearchParams | None = None) -> dict:
     """Builds a class-sharded index from an embedding job's output.
 
     Args:
-        embeddings_dir: the ``--output`` folder of ``jobs.embed``.
-        index_dir: where the index goes (must not hold an index yet).
+        embeddings_dir: the ``--output`` folder of ``jobs.embed`` (a local folder or an object store URI).
+        index_dir: where the index goes (must not hold an index yet; a local folder or an object store URI).
         config: sharding and global index settings.
         dtype: storage type of the vectors (``float32`` or ``float16``).
         mapper: ``map``-like callable running the per-shard builds (e.g. in parallel on Ray).
@@ -246,8 +268,8 @@ def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: Index
     Raises:
         FileExistsError: ``index_dir`` already holds an index (append to it, or pick a new folder).
     """
-    embeddings_dir, index_dir = Path(embeddings_dir), Path(index_dir)
-    if (index_dir / "manifest.json").exists():
+    embeddings_dir, index_dir = Location(embeddings_dir), Location(index_dir)
+    if (index_dir / "manifest.json").is_file():
         raise FileExistsError(f"{index_dir} already holds an index; use append (--append) or a new folder")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
@@ -262,12 +284,12 @@ def build_index(embeddings_dir: str | Path, index_dir: str | Path, config: Index
         jobs = [(buckets[s], _shard_dir(index_dir, s), config, dtype) for s in range(len(shards))]
         entries = _shard_jobs_map(jobs, mapper)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return write_index_manifest(index_dir, entries, source, config, dim, dtype, [str(embeddings_dir.resolve())],
+        scratch.delete_tree()
+    return write_index_manifest(index_dir, entries, source, config, dim, dtype, [str(embeddings_dir)],
                                 strategy, search)
 
 
-def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map, strategy: dict | None = None) -> dict:
+def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, mapper=map, strategy: dict | None = None) -> dict:
     """Adds a new embedding output to an existing index, rebuilding only the shards it touches.
 
     Rows whose id is already indexed are skipped; images of known classes go to their class's shard
@@ -279,7 +301,7 @@ def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map, 
         FileNotFoundError: no index at ``index_dir``.
         ValueError: the new embeddings were made with other models.
     """
-    embeddings_dir, index_dir = Path(embeddings_dir), Path(index_dir)
+    embeddings_dir, index_dir = Location(embeddings_dir), Location(index_dir)
     old = IndexManifest.read(index_dir)
     parts, source = embedding_parts(embeddings_dir)
     old.models.require(source.models.specs(), f"the index {index_dir} (appending {embeddings_dir})")
@@ -288,7 +310,7 @@ def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map, 
                          f"{index_dir} with {old.max_pixels}; re-run the embedding job with --max-pixels "
                          f"{old.max_pixels}")
     config = IndexConfig(**old.config)
-    known_ids = np.sort(np.concatenate([pq.read_table(index_dir / s["path"] / "rows.parquet", columns=["id"])
+    known_ids = np.sort(np.concatenate([(index_dir / s["path"] / "rows.parquet").read_parquet(["id"])
                                         ["id"].to_numpy() for s in old.shards] or [np.zeros(0, np.int64)]))
     counts = count_classes(parts, known_ids)
     old_map = {int(c): v for c, v in old.classes.items()}
@@ -304,7 +326,7 @@ def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map, 
                  _shard_dir(index_dir, s) if s < first_new else None) for s, bucket in sorted(buckets.items())]
         rebuilt = dict(zip(sorted(buckets), _shard_jobs_map(jobs, mapper)))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.delete_tree()
     entries = []
     for number in range(max([first_new - 1, *rebuilt]) + 1):
         if number in rebuilt:
@@ -314,5 +336,5 @@ def append_index(embeddings_dir: str | Path, index_dir: str | Path, mapper=map, 
             entry["classes"] = {c: [v[1], v[2]] for c, v in old_map.items() if v[0] == number}
             entries.append(entry)
     return write_index_manifest(index_dir, entries, old, config, old.dim, old.vector_dtype,
-                                old.sources + [str(embeddings_dir.resolve())],
+                                old.sources + [str(embeddings_dir)],
                                 old.strategy if strategy is None else strategy, SearchParams.from_json(old.search))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,12 @@ import pyarrow.parquet as pq
 from pipeline.files import sha256_file
 from pipeline.index.faiss_index import SearchParams, faiss_uses_gpu, head_file, is_exact
 from pipeline.manifests import IndexManifest
+from pipeline.storage import Location
+
+logger = logging.getLogger(__name__)
+
+#: Where indexes loaded from an object store are kept (``LOOKALIKE_CACHE`` overrides).
+DEFAULT_CACHE = Path("~/.cache/lookalike")
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,7 @@ class ShardedIndex:
             ``search``).
     """
 
-    def __init__(self, root: Path, manifest: IndexManifest, shards: list[Shard],
+    def __init__(self, root: Location, manifest: IndexManifest, shards: list[Shard],
                  search: SearchParams | None = None) -> None:
         self.root = root
         self.manifest = manifest
@@ -151,7 +160,9 @@ class ShardedIndex:
         """Loads an index; vectors and FAISS files are memory-mapped, so RSS does not grow with them.
 
         Args:
-            index_dir: the index folder.
+            index_dir: the index folder, or an object store URI (``s3://bucket/prefix``): its manifest
+                and the files of the shards loaded here are copied into a local cache
+                (:func:`cached_copy`), each checked against its sha256, and loaded from there.
             expect_models: refuse the index unless it was built with these model specs
                 (``{"classifier": spec, "embedder": spec}``).
             shards: load only these shard numbers (a serving replica's share); default all.
@@ -165,11 +176,16 @@ class ShardedIndex:
             IndexIntegrityError: a file is missing, truncated or corrupted.
             ValueError: the index was built with other models.
         """
-        root = Path(index_dir)
-        manifest = IndexManifest.read(root)
+        where = Location(index_dir)
+        manifest = IndexManifest.read(where)
         if expect_models:
-            manifest.models.require(expect_models, f"the index {root}")
+            manifest.models.require(expect_models, f"the index {where}")
         numbers = range(len(manifest.shards)) if shards is None else list(shards)
+        if where.remote:
+            root = cached_copy(where, manifest, numbers)
+            verify = False  # every file was just checked against its sha256
+        else:
+            root = where.path
         gpu = faiss_uses_gpu(use_gpu)
         loaded = []
         for number in numbers:
@@ -179,7 +195,7 @@ class ShardedIndex:
             if not heads:
                 entry = {**entry, "heads": []}
             loaded.append(load_shard(root / entry["path"], number, entry, verify, gpu))
-        return cls(root, manifest, loaded, search)
+        return cls(where, manifest, loaded, search)
 
     def lookup(self, image_id: int) -> Hit | None:
         """The gallery image with this id (score 1.0), or None when no loaded shard holds it."""
@@ -279,6 +295,41 @@ class ShardedIndex:
 
 def threshold(hits: list[Hit], min_score: float | None) -> list[Hit]:
     return hits if min_score is None else [h for h in hits if h.score >= min_score]
+
+
+def cached_copy(index: Location, manifest: IndexManifest, shards: Iterable[int],
+                cache: str | Path | None = None) -> Path:
+    """A local copy of an object-store index (its manifest and the files of ``shards``).
+
+    The copy lives in ``cache/index-<hash of the URI>`` (default ``$LOOKALIKE_CACHE`` or
+    ``~/.cache/lookalike``). A file already there is kept when its sha256 matches the manifest, else
+    downloaded again; a download whose sha256 does not match raises IndexIntegrityError. Files go
+    in under temporary names, so replicas sharing a node (and a cache) may fill it at once.
+    """
+    cache = Path(cache or os.environ.get("LOOKALIKE_CACHE") or DEFAULT_CACHE).expanduser()
+    root = cache / f"index-{hashlib.blake2b(index.uri.encode(), digest_size=8).hexdigest()}"
+    fetched = kept = 0
+    for number in shards:
+        if not 0 <= number < len(manifest.shards):
+            raise ValueError(f"shard {number} does not exist (index has {len(manifest.shards)})")
+        entry = manifest.shards[number]
+        for name, facts in entry["files"].items():
+            local = root / entry["path"] / name
+            if local.is_file() and local.stat().st_size == facts["bytes"] and sha256_file(local) == facts["sha256"]:
+                kept += 1
+                continue
+            source = index / entry["path"] / name
+            try:
+                digest = source.download(local)
+            except FileNotFoundError:
+                raise IndexIntegrityError(f"index file {source} is missing") from None
+            if digest != facts["sha256"]:
+                local.unlink(missing_ok=True)
+                raise IndexIntegrityError(f"index file {source} is corrupted: its sha256 does not match the manifest")
+            fetched += 1
+    manifest.write(root)
+    logger.info("index %s: %d files downloaded, %d already in the cache %s", index, fetched, kept, root)
+    return root
 
 
 def load_shard(directory: Path, number: int, entry: dict, verify: bool, gpu: bool) -> Shard:
