@@ -211,6 +211,19 @@ class Preprocess:
         return math.floor(max(self.size) / self.crop_pct)
 
 
+def header_pixels(data: bytes) -> int:
+    """The pixel count an image's header claims (width x height), read without decoding a pixel;
+    0 when there is no readable header (decoding then fails at once)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Exception:  # noqa: BLE001 - any unreadable header costs nothing to decode
+        return 0
+    return int(width) * int(height)
+
+
 def resize_geometry(width: int, height: int, preprocess: Preprocess) -> tuple[int, int]:
     """The (width, height) an image is resized to before the centre crop (shared with the device path)."""
     scale_h = math.floor(preprocess.size[0] / preprocess.crop_pct)

@@ -13,6 +13,7 @@ name (:mod:`pipeline.parts`, the manifests).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -79,11 +80,10 @@ class Location:
     @cached_property
     def _fs(self) -> tuple[pafs.FileSystem, str]:
         if not self.remote:
-            return pafs.LocalFileSystem(), self.uri
-        try:
-            return pafs.FileSystem.from_uri(self.uri)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"cannot open {self.uri}: {exc}") from None
+            return _local(), self.uri
+        scheme, rest = self.uri.split("://", 1)
+        settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        return _filesystem(f"{scheme}://{rest.split('/', 1)[0]}", settings), rest
 
     @property
     def fs(self) -> pafs.FileSystem:
@@ -191,6 +191,21 @@ class Location:
     def make_folder(self) -> None:
         if not self.remote:
             self.path.mkdir(parents=True, exist_ok=True)  # object stores have no folders to make
+
+
+@functools.lru_cache(maxsize=1)
+def _local() -> pafs.FileSystem:
+    return pafs.LocalFileSystem()
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(root: str, settings: tuple) -> pafs.FileSystem:
+    """The filesystem of ``scheme://bucket`` under these ``AWS_*`` settings, made once per process
+    (making one per file would cost a client, and for S3 possibly a region look-up, per part)."""
+    try:
+        return pafs.FileSystem.from_uri(root)[0]
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"cannot open {root}: {exc}") from None
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

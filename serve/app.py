@@ -11,9 +11,12 @@ index's shards.
 
 
 import asyncio
+import contextlib
 import io
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +31,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
 from pipeline.device_decode import prepare_batch
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, header_pixels
 from pipeline.index import Hit, ShardedIndex
 from pipeline.manifests import IndexManifest
 from pipeline.models import CropPolicy, load_classifier, load_detector, load_embedder, select_runtime
@@ -36,9 +39,12 @@ from pipeline.search import QueryPreprocess, class_answers, merge_hits
 from pipeline.strategy import Strategy
 from pipeline.sources import read_uri
 from pipeline.storage import Location
+from serve.budget import BudgetExhausted, PixelBudget
 
 logger = logging.getLogger("serve.app")
 PAGE = Path(__file__).with_name("page.html")
+#: Threads an ingress replica decodes uploads on.
+DECODE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,13 @@ class AppConfig:
         retriever_actor_options: ``ray_actor_options`` of each retriever deployment, e.g. custom
             resources that pin a shard group to the nodes that hold it in memory.
         max_body_mb: largest accepted upload.
+        max_query_pixels: the most pixels a query image may have (its header is checked before a pixel
+            is decoded); the gallery's own limit applies too when it is lower. 50M: a 50-megapixel
+            photo, the largest phone cameras'.
+        decode_pixel_budget: the most pixels one ingress replica decodes at once (``serve.budget``,
+            about 12 bytes a pixel while decoding and resizing); requests beyond it wait their turn.
+        decode_wait_s: how long a request waits for room in that budget before the answer is 503
+            with ``Retry-After``.
         max_batch_size: most requests a model deployment batches into one forward pass.
         batch_wait_timeout_s: how long a model deployment waits to fill a batch.
         device: model device in the replicas (``auto``, ``cpu``, ``cuda``).
@@ -76,6 +89,9 @@ class AppConfig:
     retriever_shards: list[list[int]] | None = None
     retriever_actor_options: list[dict] | None = None
     max_body_mb: float = 20.0
+    max_query_pixels: int = 50_000_000
+    decode_pixel_budget: int = 100_000_000
+    decode_wait_s: float = 10.0
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     device: str = "auto"
@@ -90,8 +106,15 @@ class AppConfig:
             raise ValueError(f"decode must be cpu or device, got {self.decode!r}")
         if self.max_batch_size < 1 or self.max_body_mb <= 0 or self.batch_wait_timeout_s < 0:
             raise ValueError("max_batch_size must be >= 1, max_body_mb > 0, batch_wait_timeout_s >= 0")
+        if self.max_query_pixels < 1 or self.decode_pixel_budget < 1 or self.decode_wait_s < 0:
+            raise ValueError("max_query_pixels and decode_pixel_budget must be >= 1, decode_wait_s >= 0")
         Strategy.load(self.strategy)
         CropPolicy(**self.crop_policy)
+
+
+def query_pixel_limit(config: AppConfig, manifest: IndexManifest) -> int:
+    """The most pixels a query may have: the service's query limit, or the gallery's when lower."""
+    return min(config.max_query_pixels, manifest.max_pixels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,9 +299,32 @@ class Ingress:
         self.config = AppConfig(**config)
         self.manifest = manifest
         self.classifier, self.embedder, self.detector, self.retrievers = classifier, embedder, detector, retrievers
-        self.queries = QueryPreprocess.of(manifest)  # the query path's steps, as QueryEngine takes them
+        # The query path's steps, as QueryEngine takes them; the pixel limit sized for queries.
+        queries = QueryPreprocess.of(manifest)
+        self.queries = replace(queries, max_pixels=query_pixel_limit(self.config, manifest))
         self.strategy = Strategy.load(self.config.strategy)  # resolved by build_app
         self.limit = int(self.config.max_body_mb * 2**20)
+        self.budget = PixelBudget(self.config.decode_pixel_budget)
+        # Decoding runs on this replica's own few threads, not asyncio's default pool: the memory a
+        # large decode frees stays with the thread that used it (a malloc arena per thread), so
+        # with many threads the replica would keep several budgets' worth of freed memory.
+        self.decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+
+    async def _in_decoder(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def _decoding(self, data: bytes) -> AsyncIterator[None]:
+        """Holds the upload's pixels in the replica's decode budget; 503 with Retry-After when it
+        does not fit within ``decode_wait_s``."""
+        pixels = await asyncio.to_thread(header_pixels, data)
+        try:
+            async with self.budget.hold(pixels, self.config.decode_wait_s):
+                yield
+        except BudgetExhausted:
+            raise HTTPException(503, f"busy decoding other large images; retry shortly ({pixels} pixels waited "
+                                     f"{self.config.decode_wait_s} s for room in this replica's budget of "
+                                     f"{self.budget.limit})", headers={"Retry-After": "2"}) from None
 
     async def _classify_and_embed_encoded(self, data: bytes) -> tuple[list[int], list[dict], np.ndarray]:
         """``decode: device``: the model replicas decode the upload on their device."""
@@ -325,16 +371,19 @@ class Ingress:
         data = await _read_upload(request, self.limit)
         cropping = (crop or self.config.crop) == "auto" and self.detector is not None
         if self.config.decode == "device" and not cropping:
-            box, (size, classes, vector) = None, await self._classify_and_embed_encoded(data)
+            async with self._decoding(data):  # the model replicas decode it
+                box, (size, classes, vector) = None, await self._classify_and_embed_encoded(data)
         else:
-            try:
-                image = await asyncio.to_thread(self.queries.decode, data)
-            except ImageDecodeError as exc:
-                raise HTTPException(400, f"cannot decode the image: {exc}") from None
-            box, size = None, list(image.shape[:2])
-            if cropping:
-                box = await _ask(self.detector.crop_box, image)
-            cls_img, emb_img = await asyncio.to_thread(self.queries.model_inputs, image, box)
+            async with self._decoding(data):  # the full-size image lives only in this block
+                try:
+                    image = await self._in_decoder(self.queries.decode, data)
+                except ImageDecodeError as exc:
+                    raise HTTPException(400, f"cannot decode the image: {exc}") from None
+                box, size = None, list(image.shape[:2])
+                if cropping:
+                    box = await _ask(self.detector.crop_box, image)
+                cls_img, emb_img = await self._in_decoder(self.queries.model_inputs, image, box)
+                del image
             classes, vector = await asyncio.gather(_ask(self.classifier.classify, cls_img),
                                                    _ask(self.embedder.embed, emb_img))
         hits, note = await self._search(chosen, vector, classes, k, min_score)
@@ -375,7 +424,8 @@ class Ingress:
     async def healthz(self) -> dict:
         """Liveness: the ingress answers and knows its index."""
         return {"status": "ok", "index_rows": self.manifest.rows, "retrievers": len(self.retrievers),
-                "models": self.manifest.models.specs()}
+                "models": self.manifest.models.specs(), "max_query_pixels": self.queries.max_pixels,
+                "decode_budget": {"pixels": self.budget.limit, "in_use": self.budget.in_use, **self.budget.stats}}
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
@@ -408,7 +458,7 @@ def build_app(args: dict) -> serve.Application:
     # A deployment's settings in serve/config.yaml override these; model_autoscaling is for
     # `serve run serve.app:build_app ...` and the benchmarks.
     scaled = {"autoscaling_config": config.model_autoscaling} if config.model_autoscaling else {}
-    max_pixels = manifest.max_pixels
+    max_pixels = query_pixel_limit(config, manifest)
     classifier = Classifier.options(**scaled).bind(specs["classifier"], config.device, **batching,
                                                    max_pixels=max_pixels)
     embedder = Embedder.options(**scaled).bind(specs["embedder"], config.device, **batching, max_pixels=max_pixels)

@@ -31,6 +31,8 @@ TINY_DETECTOR = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@random"
 ANY_BOX = {"min_score": 0.0, "max_center_offset": 1.0, "min_area": 0.0, "margin": 0.1}
 # The gallery's decode limit (room for the web page test's 451x300 photo): every query path applies it.
 MAX_PIXELS = 400 * 400
+# The main app's ingress decodes at most two images at the limit at once.
+DECODE_BUDGET = 2 * MAX_PIXELS
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def service(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4,
                          "retriever_shards": [shards[:1], shards[1:]], "detector": TINY_DETECTOR,
-                         "crop_policy": ANY_BOX}),
+                         "crop_policy": ANY_BOX, "decode_pixel_budget": DECODE_BUDGET}),
               name="lookalike", route_prefix="/")
     serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4,
                          "decode": "device", "strategy": "class@2"}), name="lookalike-device", route_prefix="/device")
@@ -69,6 +71,8 @@ def post(service, data: bytes, **params) -> requests.Response:
 def test_health_and_page(service) -> None:
     health = requests.get(f"{service['url']}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["index_rows"] == 15 and health["retrievers"] == 2
+    # The query pixel limit: the service's (50M by default) or the gallery's, whichever is lower.
+    assert health["max_query_pixels"] == MAX_PIXELS and health["decode_budget"]["pixels"] == DECODE_BUDGET
     page = requests.get(service["url"] + "/", timeout=30)
     assert page.status_code == 200 and "lookalike" in page.text and "/search" in page.text
     assert "/search" in requests.get(f"{service['url']}/openapi.json", timeout=30).json()["paths"]
@@ -286,6 +290,38 @@ def test_web_page_upload_shows_classes_and_results(service, tmp_path) -> None:
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_concurrent_uploads_at_the_pixel_limit_stay_within_the_decode_budget(service) -> None:
+    """A flood of uploads at the pixel limit, all at once: the ingress holds at most its budget's
+    pixels (two such images) decoded at a time, while the detector looks at them; the others wait
+    their turn, first come first served, and every request is answered, a small query sent into the
+    flood included."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = io.BytesIO()
+    y, x = np.mgrid[:400, :400]
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)).save(out, "PNG")
+    big, small = out.getvalue(), service["images"][0].read_bytes()
+    assert len(big) < 0.25 * 2**20  # under max_body_mb: only the pixel budget holds these back
+    before = requests.get(f"{service['url']}/healthz", timeout=30).json()["decode_budget"]
+    start = threading.Barrier(13)
+
+    def send(data: bytes, **params) -> requests.Response:
+        start.wait(timeout=60)
+        return post(service, data, **params)
+
+    with ThreadPoolExecutor(13) as pool:
+        flood = [pool.submit(send, big, k=2, crop="auto") for _ in range(12)]
+        quick = pool.submit(send, small, k=2)
+        responses = [f.result(timeout=300) for f in [*flood, quick]]
+    assert [r.status_code for r in responses] == [200] * 13, [r.text for r in responses if r.status_code != 200]
+    assert all(r.json()["image_size"] == [400, 400] for r in responses[:12])
+    after = requests.get(f"{service['url']}/healthz", timeout=30).json()["decode_budget"]
+    assert after["admitted"] - before["admitted"] == 13 and after["in_use"] == 0
+    assert MAX_PIXELS <= after["peak_pixels"] <= DECODE_BUDGET  # counted at their size, never more than two
+    assert after["waited"] > before["waited"]  # they arrived together, so some had to wait their turn
 
 
 def test_a_replica_killed_mid_request_loses_no_request(service) -> None:

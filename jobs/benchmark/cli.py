@@ -1,7 +1,7 @@
 """Throughput benchmarks, measured side by side in one run (shared machines are noisy: compare
 ratios, not absolute numbers from different runs).
 
-The command line: one subcommand per area (``batch``, ``index``, ``serve``) on the shared runner.
+The command line: one subcommand per area (``batch``, ``index``, ``scale``, ``serve``, ``uploads``) on the shared runner.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from jobs.benchmark import batch, index, serve
+from jobs.benchmark import batch, index, scale, serve, uploads
 from jobs.benchmark.runner import write_json
 
 
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One subcommand per area; each area adds its own arguments, the runner the common ``--json``."""
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="area", required=True)
-    for area in (batch, index, serve):
+    for area in (batch, index, scale, serve, uploads):
         area_parser = area.add_arguments(sub)
         area_parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return parser
