@@ -28,6 +28,7 @@ from pipeline.embed_output import (
     committed,
     describe_models,
     done_ids,
+    pending_shards,
     remove_partial_files,
     summarize,
     write_manifest,
@@ -146,7 +147,7 @@ def build_dataset(config: EmbedConfig, shards: list, skip_ids: np.ndarray, input
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     out = Location(config.output)
     ds = ray.data.from_items([shard_to_row(s) for s in shards], override_num_blocks=max(1, len(shards)))
-    ds = ds.map_batches(ReadShards(skip_ids), batch_size=1)
+    ds = ds.map_batches(ReadShards(skip_ids, listings=out / "listings"), batch_size=1)
     if config.limit:
         ds = ds.limit(config.limit)
     if config.decode == "cpu":
@@ -264,13 +265,15 @@ def run(config: EmbedConfig, prepared: tuple[ModelSet, list] | None = None) -> d
         logger.info("removed %d unfinished files (parts without a record) from an interrupted run", removed)
     inputs = {"cls": models.preprocess("classifier"), "emb": models.preprocess("embedder")}
     skip = done_ids(out, parts)
-    logger.info("%d shards from %d inputs; %d images already done", len(shards), len(config.inputs), len(skip))
+    pending, skip_in_pending = pending_shards(out / "listings", shards, skip)
+    logger.info("%d shards from %d inputs; %d images already done%s", len(shards), len(config.inputs), len(skip),
+                f"; {len(shards) - len(pending)} shards complete, not read again" if len(pending) < len(shards) else "")
 
     start = time.perf_counter()
     rows: list[dict] = []
     batch_size = None
-    if shards:
-        batch_size, dataset = build_dataset(config, shards, skip, inputs, int(models.embedder["dim"]))
+    if pending:
+        batch_size, dataset = build_dataset(config, pending, skip_in_pending, inputs, int(models.embedder["dim"]))
         progress = Progress(len(skip))
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend({k: batch[k][i] for k in batch} for i in range(len(batch["rows"])))
@@ -284,6 +287,7 @@ def run(config: EmbedConfig, prepared: tuple[ModelSet, list] | None = None) -> d
     summary["images_by_worker"] = dict(sorted(by_worker.items()))
     summary["config"] = config.to_json()
     summary["batch_size"] = batch_size  # as run (``auto`` resolved), None when nothing was left to do
+    summary["shards"] = {"total": len(shards), "read": len(pending), "complete_not_read": len(shards) - len(pending)}
     (out / "summary.json").write_json(summary)
     return summary
 

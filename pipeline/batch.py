@@ -16,6 +16,7 @@ model stages are in :mod:`pipeline.model_stages`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -60,10 +61,14 @@ class ReadShards:
 
     Args:
         done_ids: sorted int64 ids present in earlier outputs.
+        listings: where to save, for each tar or parquet shard read whole, the ids it holds
+            (:func:`save_listing`), so that a later run can tell the shard is done without reading
+            it (:func:`pipeline.embed_output.pending_shards`); None: nowhere.
     """
 
-    def __init__(self, done_ids: np.ndarray | None = None) -> None:
+    def __init__(self, done_ids: np.ndarray | None = None, listings: str | Location | None = None) -> None:
         self.done_ids = np.sort(np.asarray(done_ids if done_ids is not None else [], dtype=np.int64))
+        self.listings = None if listings is None else Location(listings)
 
     def _done(self, item_id: int) -> bool:
         i = np.searchsorted(self.done_ids, item_id)
@@ -74,8 +79,10 @@ class ReadShards:
         ids, uris, labels, datas, errors = [], [], [], [], []
         for shard_json in batch["shard"]:
             shard = Shard(**json.loads(shard_json))
+            listed = []
             for item in read_shard(shard):
                 item_id = uri_id(item.uri)
+                listed.append(item_id)
                 if self._done(item_id):
                     continue
                 ids.append(item_id)
@@ -84,6 +91,8 @@ class ReadShards:
                 labels.append(item.label or "")
                 datas.append(item.data if item.data is not None else b"")
                 errors.append(item.error or "")
+            if self.listings is not None and shard.listing_key:
+                save_listing(self.listings, shard.listing_key, np.array(listed, dtype=np.int64))
         n = len(ids)
         seconds = (time.perf_counter() - start) / max(n, 1)
         return {
@@ -91,6 +100,17 @@ class ReadShards:
             "label": np.array(labels, dtype=object), "data": np.array(datas, dtype=object),
             "read_error": np.array(errors, dtype=object), "read_s": np.full(n, seconds, dtype=np.float32),
         }
+
+
+def save_listing(listings: Location, key: str, ids: np.ndarray) -> None:
+    """Saves the ids a shard holds as ``listings/KEY.npy`` (sorted int64)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.sort(ids))
+    (listings / f"{key}.npy").write_bytes(buffer.getvalue())
+
+
+def load_listing(listings: Location, key: str) -> np.ndarray:
+    return np.load(io.BytesIO((listings / f"{key}.npy").read_bytes()))
 
 
 def shard_to_row(shard: Shard) -> dict[str, str]:

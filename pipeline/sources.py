@@ -39,6 +39,8 @@ class Shard:
         label: the label of every image in it (class sub-folder name, synset tar name), or None.
         members: for ``files``: the file URIs.
         row_group: for ``parquet``: the row group index.
+        version: for ``tar`` and ``parquet``: the file's size and modification time as listed
+            (``"SIZE:MTIME_NS"``), or "" where unknown.
     """
 
     kind: str
@@ -46,10 +48,21 @@ class Shard:
     label: str | None = None
     members: tuple[str, ...] = ()
     row_group: int = -1
+    version: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in SHARD_KINDS:
             raise ValueError(f"unknown shard kind {self.kind!r}; expected one of {SHARD_KINDS}")
+
+    @property
+    def listing_key(self) -> str | None:
+        """The name of this shard's listing (the ids it holds, saved once read), or None for shards
+        whose content may change unseen (folders and loose files: their files are listed afresh).
+        A tar or parquet file that changes size or modification time gets a new key."""
+        if self.kind not in ("tar", "parquet") or not self.version:
+            return None
+        text = f"{self.kind}|{self.uri}|{self.row_group}|{self.version}"
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ def discover_shards(inputs: list[str], files_per_shard: int = 256) -> list[Shard
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"input {raw!r} does not exist")
         if info.type == pafs.FileType.File:
-            shards.extend(_file_shards(fs, path, uri, files_per_shard))
+            shards.extend(_file_shards(fs, path, uri, files_per_shard, info))
             continue
         entries = sorted(fs.get_file_info(pafs.FileSelector(path, recursive=False)), key=lambda e: e.base_name)
         loose: list[str] = []
@@ -125,7 +138,7 @@ def discover_shards(inputs: list[str], files_per_shard: int = 256) -> list[Shard
             if entry.type == pafs.FileType.Directory:
                 shards.append(Shard("folder", child_uri, label=entry.base_name))
             elif entry.base_name.endswith((".tar", ".parquet")):
-                shards.extend(_file_shards(fs, entry.path, child_uri, files_per_shard))
+                shards.extend(_file_shards(fs, entry.path, child_uri, files_per_shard, entry))
             else:
                 loose.append(child_uri)
         for start in range(0, len(loose), files_per_shard):
@@ -133,15 +146,18 @@ def discover_shards(inputs: list[str], files_per_shard: int = 256) -> list[Shard
     return shards
 
 
-def _file_shards(fs: pafs.FileSystem, path: str, uri: str, files_per_shard: int) -> list[Shard]:
+def _file_shards(fs: pafs.FileSystem, path: str, uri: str, files_per_shard: int,
+                 info: pafs.FileInfo | None = None) -> list[Shard]:
     name = uri.rsplit("/", 1)[-1]
+    info = info or fs.get_file_info(path)
+    version = f"{info.size}:{info.mtime_ns}" if info.size is not None and info.mtime_ns is not None else ""
     if name.endswith(".tar"):
         stem = name[: -len(".tar")]
-        return [Shard("tar", uri, label=stem if _SYNSET.match(stem) else None)]
+        return [Shard("tar", uri, label=stem if _SYNSET.match(stem) else None, version=version)]
     if name.endswith(".parquet"):
         with fs.open_input_file(path) as f:
             groups = pq.ParquetFile(f).metadata.num_row_groups
-        return [Shard("parquet", uri, row_group=g) for g in range(groups)]
+        return [Shard("parquet", uri, row_group=g, version=version) for g in range(groups)]
     return [Shard("files", uri.rsplit("/", 1)[0], members=(uri,))]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +97,6 @@ def test_batch_size_auto_is_measured_before_the_job(tmp_path: Path) -> None:
 
 
 def test_tar_and_parquet_inputs_with_limit(tmp_path: Path) -> None:
-    import io
-    import tarfile
 
     rng = np.random.default_rng(5)
     jpegs = [write_jpeg(tmp_path / "src" / f"{i}.jpg", rng).read_bytes() for i in range(6)]
@@ -147,6 +147,43 @@ def test_resume_after_interruption_gives_identical_rows(tmp_path: Path) -> None:
     assert json.loads((out / "manifest.json").read_text())["counts"]["failed"] == 2
     # Running once more does nothing.
     assert run(config([tmp_path / "data"], out))["embedded_this_run"] == 0
+
+
+def test_a_resume_does_not_read_complete_tars_again(tmp_path: Path) -> None:
+    """Each tar read whole leaves a listing of its ids; a later run skips a tar whose every id is
+    done, reads one that lost a part, and reads one that changed (size or time)."""
+    rng = np.random.default_rng(7)
+    (tmp_path / "in").mkdir()
+    for t in range(3):
+        with tarfile.open(tmp_path / "in" / f"n0000000{t}.tar", "w") as tar:
+            for i in range(4):
+                data = write_jpeg(tmp_path / "src" / f"{t}-{i}.jpg", rng).read_bytes()
+                info = tarfile.TarInfo(f"n0000000{t}_{i}.JPEG")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    first = run(config([tmp_path / "in"], out, batch_size=4, decode_batch_size=4))
+    assert first["shards"] == {"total": 3, "read": 3, "complete_not_read": 0}
+    assert len(list((out / "listings").glob("*.npy"))) == 3
+    again = run(config([tmp_path / "in"], out))
+    assert again["shards"] == {"total": 3, "read": 0, "complete_not_read": 3} and again["embedded_this_run"] == 0
+    # One part (and its record) lost: its images' tars are read again, only the lost images redone.
+    part = sorted((out / "embeddings").glob("part-*.parquet"))[0]
+    lost = pq.read_table(part, columns=["uri"])["uri"].to_pylist()
+    part.unlink()
+    part.with_suffix(".json").unlink()
+    redone = run(config([tmp_path / "in"], out))
+    touched = {u.split("#")[0] for u in lost}
+    assert redone["shards"]["read"] == len(touched) and redone["embedded_this_run"] == len(lost)
+    # A tar that grows (another image appended) is read again: only its new image is embedded.
+    with tarfile.open(tmp_path / "in" / "n00000002.tar", "a") as tar:
+        data = write_jpeg(tmp_path / "src" / "extra.jpg", rng).read_bytes()
+        info = tarfile.TarInfo("n00000002_9.JPEG")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    grown = run(config([tmp_path / "in"], out))
+    assert grown["shards"] == {"total": 3, "read": 1, "complete_not_read": 2} and grown["embedded_this_run"] == 1
+    assert len(read_rows(out)) == 13
 
 
 def test_output_of_other_models_is_refused(tmp_path: Path) -> None:

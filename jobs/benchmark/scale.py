@@ -147,7 +147,7 @@ def report_scale(results: dict, args: argparse.Namespace) -> None:
           f"({results['images_per_part']} images each); counts {first['counts']['embedded']:,} embedded, "
           f"{first['counts']['failed']} failed")
     rates = first["per_worker_images_per_s"]
-    print(f"  images/s one worker of each stage sustains (busy time): "
+    print("  images/s one worker of each stage sustains (busy time): "
           + ", ".join(f"{stage} {rate}" for stage, rate in rates.items()))
     book = results["resume_bookkeeping"]
     print(f"  resume bookkeeping:          list committed parts {book['list_parts_s']:.2f} s, "
