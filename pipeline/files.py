@@ -1,4 +1,4 @@
-"""Small file helpers shared by the job outputs and the index: checksums and atomic writes."""
+"""Small local-file helpers: checksums, atomic writes, and where an output folder may not go."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 
 def sha256_file(path: Path) -> str:
@@ -39,12 +36,6 @@ def replace_atomically(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def write_table_atomically(table: pa.Table, path: Path) -> None:
-    """Writes a parquet file atomically."""
-    with replace_atomically(path) as tmp:
-        pq.write_table(table, tmp)
 
 
 def write_json_atomically(data: dict, path: Path, indent: int = 2) -> None:
