@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"index {output}: default strategy {strategy['name']}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        output.check_reachable()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     mapper = _ray_mapper() if args.ray else map
     start = time.perf_counter()
     try:

@@ -248,8 +248,10 @@ class Progress:
 
 
 def prepare(config: EmbedConfig) -> tuple[ModelSet, list]:
-    """What can be checked before Ray starts: the model names and weights (``describe_models``)
-    and the inputs (listed into shards). Raises ValueError or FileNotFoundError; writes nothing."""
+    """What can be checked before Ray starts: an object-store output's bucket, the model names and
+    weights (``describe_models``) and the inputs (listed into shards). Raises ValueError or
+    FileNotFoundError; writes nothing."""
+    Location(config.output).check_reachable()
     return describe_models(config), discover_shards(list(config.inputs), config.files_per_shard)
 
 

@@ -94,6 +94,21 @@ class Location:
         """The path inside :attr:`fs`."""
         return self._fs[1]
 
+    def check_reachable(self) -> None:
+        """Raises ValueError when this object-store location's bucket cannot be reached (no such
+        bucket, no credentials, no network); nothing for local paths. Jobs call it before they
+        start Ray, so a typo in a bucket name costs seconds, not a cluster start."""
+        if not self.remote:
+            return
+        bucket = self.key.split("/", 1)[0]
+        try:
+            info = self.fs.get_file_info(bucket)
+        except OSError as exc:
+            raise ValueError(f"cannot reach {self.uri}: {exc}") from None
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(f"{self.uri}: bucket {bucket!r} does not exist, or these credentials cannot see it "
+                             f"(AWS_* variables, ~/.aws; AWS_ENDPOINT_URL for other S3-compatible stores)")
+
     # ---- reading
 
     def is_file(self) -> bool:

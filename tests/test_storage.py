@@ -78,6 +78,21 @@ def test_manifest_errors_name_the_location(root: Location) -> None:
         IndexManifest.read(root / "index")
 
 
+def test_an_unreachable_bucket_is_one_clear_error_before_any_work(s3_bucket: str, tmp_path: Path, capsys) -> None:
+    from jobs.build_index import main as build_index_main
+    from jobs.embed import main as embed_main
+
+    Location(f"{s3_bucket}/out").check_reachable()  # the fixture's bucket exists
+    Location(tmp_path / "anything").check_reachable()  # local paths: nothing to check
+    with pytest.raises(ValueError, match="bucket 'no-such-bucket' does not exist"):
+        Location("s3://no-such-bucket/out").check_reachable()
+    (tmp_path / "images").mkdir()
+    assert embed_main(["--input", str(tmp_path / "images"), "--output", "s3://no-such-bucket/emb"]) == 2
+    assert build_index_main(["--embeddings", str(tmp_path), "--output", "s3://no-such-bucket/index"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("bucket 'no-such-bucket' does not exist") == 2
+
+
 def test_uris_and_paths() -> None:
     assert is_uri("s3://b/p") and not is_uri("/tmp/x") and not is_uri("file:///tmp/x")
     assert Location("file:///tmp/x").uri == "/tmp/x" and not Location("rel/x").remote
