@@ -116,11 +116,6 @@ class Location:
             return self.path.is_file()
         return self.fs.get_file_info(self.key).type == pafs.FileType.File
 
-    def exists(self) -> bool:
-        if not self.remote:
-            return self.path.exists()
-        return self.fs.get_file_info(self.key).type != pafs.FileType.NotFound
-
     def read_bytes(self) -> bytes:
         """The file's bytes. Raises FileNotFoundError."""
         if not self.remote:
@@ -143,10 +138,6 @@ class Location:
 
     def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.key, columns=columns, filesystem=self.fs)
-
-    def parquet_rows(self) -> int:
-        with self.fs.open_input_file(self.key) as f:
-            return pq.ParquetFile(f).metadata.num_rows
 
     def list(self, pattern: str = "*") -> list[str]:
         """Names of the files directly inside this folder that match ``pattern`` (sorted; none when

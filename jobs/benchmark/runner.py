@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,13 @@ import numpy as np
 def machine() -> str:
     """The machine the figures come from, as the results and the printed headers name it."""
     return f"{platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def free_port() -> int:
+    """A port nothing on 127.0.0.1 listens on now (the benchmarks' services use no fixed port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def batch_slices(n: int, size: int) -> Iterator[slice]:

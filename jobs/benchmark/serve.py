@@ -7,13 +7,12 @@ ray, Ray Serve, requests and the models are imported only when this area runs.
 from __future__ import annotations
 
 import argparse
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from jobs.benchmark.runner import latency_ms, machine
+from jobs.benchmark.runner import free_port, latency_ms, machine
 
 
 def _closed_loop(call, concurrency: int, requests_total: int, seconds: float = float("inf"),
@@ -98,9 +97,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
     del engine
 
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/search"
     results["graph"] = {}

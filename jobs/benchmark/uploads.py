@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from jobs.benchmark.runner import machine
+from jobs.benchmark.runner import free_port, machine
 
 UNBOUNDED = 10**15
 
@@ -88,7 +88,7 @@ def bench_uploads(args: argparse.Namespace) -> dict:
     from serve.app import AppConfig, build_app
 
     data = _png(args.side)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -106,14 +106,6 @@ def bench_uploads(args: argparse.Namespace) -> dict:
         serve.shutdown()
         ray.shutdown()
     return results
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def report_uploads(results: dict, args: argparse.Namespace) -> None:
