@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    kinds = sorted({s["index_type"] for s in manifest.shards})
-    heads = sum(len(s.get("heads", [])) for s in manifest.shards)
+    kinds = sorted({s.index_type for s in manifest.shards})
+    heads = sum(len(s.heads) for s in manifest.shards)
     summary = {"rows": manifest.rows, "classes": len(manifest.classes), "shards": len(manifest.shards),
                "global_index": kinds, "head_indexes": heads, "seconds": round(seconds, 2)}
     (output / "build_summary.json").write_json(summary)

@@ -19,7 +19,6 @@ from pathlib import Path
 from pipeline.images import ImageDecodeError
 from pipeline.models import CropPolicy, load_detector, select_runtime
 from pipeline.search import QueryEngine
-from pipeline.strategy import Strategy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         runtime = select_runtime(args.device)
         detector = load_detector(args.detector, runtime, policy=CropPolicy(min_score=args.crop_min_score)) \
             if args.detector else None
-        engine = QueryEngine.load(args.index, runtime=runtime, detector=detector)
-        strategy = Strategy.load(args.strategy, default=engine.strategy).with_fill(args.fill)
+        engine = QueryEngine.load(args.index, runtime=runtime, strategy=args.strategy, detector=detector)
+        strategy = engine.strategy.with_fill(args.fill)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

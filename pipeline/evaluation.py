@@ -63,12 +63,12 @@ class EvalConfig:
         name, _, k = self.target_metric.partition("@")
         if name not in ("mAP", "P", "R") or not k.isdigit() or int(k) not in self.ks:
             raise ValueError(f"--metric must be mAP@k, P@k or R@k with k one of {self.ks}, got {self.metric!r}")
+        CropPolicy(min_score=self.crop_min_score)
 
     @property
     def target_metric(self) -> str:
         """What calibration maximises: ``metric``, or mAP at the largest k."""
         return self.metric or f"mAP@{max(self.ks)}"
-        CropPolicy(min_score=self.crop_min_score)
 
 
 def split(labels: list[str], queries_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

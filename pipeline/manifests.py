@@ -8,6 +8,8 @@ decode limit (carried over from the embedding output, so every query is decoded 
 like the gallery), the shards and where each class lies.
 
 ``ModelSet`` holds the models of either and is the one place that checks two sets of models agree.
+``ShardEntry`` is one shard of an index manifest; ``Recommendation`` is the strategy file that
+``jobs.evaluate --recommend`` writes and every ``--strategy FILE`` reads.
 """
 
 from __future__ import annotations
@@ -162,13 +164,38 @@ class EmbeddingManifest:
 
 
 @dataclass(frozen=True)
+class ShardEntry:
+    """One shard of an index, as its manifest records it.
+
+    Attributes:
+        path: the shard's folder, relative to the index.
+        rows: gallery images in it.
+        index_type: its global FAISS index (``flat``, ``hnsw-sq8``, ``ivf``, ...).
+        classes: how many classes it holds (where each lies: ``IndexManifest.classes``).
+        files: file name -> ``{"sha256", "bytes"}``.
+        heads: classes large enough for an index of their own (``head-NNNNNN.faiss``).
+    """
+
+    path: str
+    rows: int
+    index_type: str
+    classes: int
+    files: dict[str, dict]
+    heads: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "ShardEntry":
+        return cls(path=str(raw["path"]), rows=int(raw["rows"]), index_type=raw.get("index_type", "flat"),
+                   classes=int(raw["classes"]), files=dict(raw["files"]), heads=[int(c) for c in raw.get("heads", [])])
+
+
+@dataclass(frozen=True)
 class IndexManifest:
     """``manifest.json`` of an index folder.
 
     Attributes:
         classes: class index (as a string) -> ``[shard, start, end]``, its rows' position range.
-        shards: per shard its ``path``, ``rows``, ``index_type``, ``classes`` (count) and ``files``
-            (name -> ``sha256``, ``bytes``).
+        shards: the shards, in order.
         max_pixels: the decode limit the gallery was embedded with; queries use the same.
         strategy: the search strategy queries use by default (``pipeline.strategy.Strategy.to_json``,
             from ``jobs.build_index --strategy``); None: global.
@@ -183,7 +210,7 @@ class IndexManifest:
     sources: list[str]
     rows: int
     classes: dict[str, list[int]]
-    shards: list[dict]
+    shards: list[ShardEntry]
     max_pixels: int = DEFAULT_MAX_PIXELS
     metric: str = "inner_product"
     strategy: dict | None = None
@@ -221,7 +248,7 @@ class IndexManifest:
         with _damaged(path, "rebuild the index with `python -m jobs.build_index`"):
             return cls(models=ModelSet.from_json(raw["models"]), dim=int(raw["dim"]), vector_dtype=raw["vector_dtype"],
                        config=dict(raw["config"]), sources=list(raw["sources"]), rows=int(raw["rows"]),
-                       classes=dict(raw["classes"]), shards=list(raw["shards"]),
+                       classes=dict(raw["classes"]), shards=[ShardEntry.from_json(e) for e in raw["shards"]],
                        max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)),
                        metric=raw.get("metric", "inner_product"), strategy=raw.get("strategy"),
                        search=raw.get("search"), created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)

@@ -1,19 +1,20 @@
-"""The query path, in pure steps every query path shares (``QueryEngine`` here, the service's
-Ingress in ``serve/app.py``, and through the engine ``jobs.search`` and ``jobs.evaluate``):
+"""The query path, in steps every query path shares (``QueryEngine`` here, the service's Ingress in
+``serve/app.py``, and through the engine ``jobs.search`` and ``jobs.evaluate``):
 
-    QueryPreprocess.decode         bytes -> RGB image, decoded as the gallery was (its max_pixels)
-    QueryPreprocess.model_inputs   (optional crop box) -> the classifier's and the embedder's inputs
+    QueryPreprocess.prepare        bytes -> decoded as the gallery was (its max_pixels) -> optional crop
+                                   box -> the classifier's and the embedder's inputs (a Prepared)
     classify and embed             ImageModels.classify_and_embed (or the service's model replicas)
     class_answers                  top classes -> [{"index", "synset", "name", "probability"}]
-    search                         Strategy.wants_class -> ShardedIndex.search_class (or the retrievers)
-                                   -> Strategy.needs_global -> search_global -> Strategy.finish
+    Strategy.plan                  the query order: class search, global search, answers
+                                   (pipeline.strategy; driven over ShardedIndex here, over the
+                                   retriever replicas in the service)
     merge_hits                     hits of several retrievers -> the best k
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from pipeline.index import Hit, ShardedIndex
 from pipeline.labels import LabelSpace
 from pipeline.manifests import IndexManifest
 from pipeline.models import Detector, ImageModels, Runtime, crop_image, load_image_models, select_runtime
-from pipeline.strategy import Strategy
+from pipeline.strategy import Search, Strategy, run_plan
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,37 @@ class QueryPreprocess:
         draft = max(self.classifier.draft_size, self.embedder.draft_size)
         return decode_image(data, max_pixels=self.max_pixels, draft_size=draft)
 
-    def model_inputs(self, image: np.ndarray,
-                     box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The classifier's and the embedder's inputs of an image, cropped to ``box`` first if given
-        (one resize when both models take the same input)."""
-        image = crop_image(image, box)
-        for_classifier = resize_image(image, self.classifier)
-        return for_classifier, (for_classifier if self.embedder == self.classifier
-                                else resize_image(image, self.embedder))
+    def prepare(self, data: bytes, box_of: Callable[[np.ndarray], tuple | None] | None = None,
+                box: tuple[int, int, int, int] | None = None) -> "Prepared":
+        """Decodes a query once, crops it and resizes it for both models (one resize when both take
+        the same input).
+
+        Args:
+            data: the encoded image.
+            box_of: chooses the crop box of the decoded image (a detector), or None: no crop.
+            box: crop to this ``(x0, y0, x1, y1)`` region instead (a box chosen elsewhere).
+
+        Raises:
+            ImageDecodeError: the image cannot be decoded.
+        """
+        image = self.decode(data)
+        if box is None and box_of is not None:
+            box = box_of(image)
+        box = None if box is None else tuple(int(v) for v in box)
+        cropped = crop_image(image, box)
+        for_classifier = resize_image(cropped, self.classifier)
+        for_embedder = for_classifier if self.embedder == self.classifier else resize_image(cropped, self.embedder)
+        return Prepared(for_classifier, for_embedder, box, [int(v) for v in image.shape[:2]])
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A query image ready for the models."""
+
+    for_classifier: np.ndarray
+    for_embedder: np.ndarray
+    box: tuple[int, int, int, int] | None   # the crop searched; None: the whole image
+    size: list[int]                         # [height, width] as decoded
 
 
 def class_answers(labels: LabelSpace, indices: np.ndarray, probs: np.ndarray) -> list[list[dict]]:
@@ -110,18 +134,18 @@ class QueryEngine:
         detector: crops queries to "the largest box near the centre" when searching with ``crop=True``.
     """
 
-    def __init__(self, index: ShardedIndex, models: ImageModels, strategy: Strategy | None = None,
+    def __init__(self, index: ShardedIndex, models: ImageModels, strategy: Strategy | str | None = None,
                  detector: Detector | None = None) -> None:
         index.manifest.models.require({"classifier": str(models.classifier.spec),
                                        "embedder": str(models.embedder.spec)}, f"the index {index.root}")
         self.index = index
         self.models = models
-        self.strategy = strategy or Strategy.load(index.manifest.strategy)
+        self.strategy = Strategy.resolve(strategy, index.manifest.strategy)
         self.detector = detector
         self.queries = QueryPreprocess.of(index.manifest)
 
     @classmethod
-    def load(cls, index_dir: str, *, runtime: Runtime | None = None, strategy: Strategy | None = None,
+    def load(cls, index_dir: str, *, runtime: Runtime | None = None, strategy: Strategy | str | None = None,
              verify: bool = True, detector: Detector | None = None) -> "QueryEngine":
         """Loads the index and the models its manifest names (the detector is not the index's business)."""
         index = ShardedIndex.load(index_dir, verify=verify)
@@ -129,29 +153,18 @@ class QueryEngine:
         models = load_image_models(specs["classifier"], specs["embedder"], runtime or select_runtime())
         return cls(index, models, strategy=strategy, detector=detector)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Decodes a query image as the gallery was decoded (raises ImageDecodeError)."""
-        return self.queries.decode(data)
+    def prepare(self, data: bytes, crop: bool = False, box: tuple[int, int, int, int] | None = None) -> Prepared:
+        """Decodes once, optionally crops (``crop``: to the detector's box; ``box``: to this one) and
+        resizes for both models.
 
-    def prepare(self, data: bytes, crop: bool = False,
-                box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-        """Decodes once, optionally crops, and resizes for both models (raises ImageDecodeError).
-
-        Args:
-            data: the encoded image.
-            crop: crop to the detector's box.
-            box: crop to this ``(x0, y0, x1, y1)`` region instead (a box chosen elsewhere).
-
-        Returns:
-            The classifier input, the embedder input and the crop box (None: the whole image).
+        Raises:
+            ImageDecodeError: the image cannot be decoded.
+            ValueError: ``crop`` without a detector.
         """
-        image = self.decode(data)
-        if box is None and crop:
-            if self.detector is None:
-                raise ValueError("crop needs a detector (QueryEngine.load(..., detector=load_detector(...)))")
-            box = self.detector.crop_boxes([image])[0]
-        box = None if box is None else tuple(int(v) for v in box)
-        return *self.queries.model_inputs(image, box), box
+        if crop and box is None and self.detector is None:
+            raise ValueError("crop needs a detector (QueryEngine.load(..., detector=load_detector(...)))")
+        box_of = (lambda image: self.detector.crop_boxes([image])[0]) if crop else None
+        return self.queries.prepare(data, box_of, box)
 
     def encode(self, images: list[bytes], crop: bool = False, boxes: list | None = None) -> Encoded:
         """Decodes, optionally crops, classifies and embeds a batch of encoded query images.
@@ -168,38 +181,30 @@ class QueryEngine:
         boxes = boxes or [None] * len(images)
         prepared = [self.prepare(d, crop, box) for d, box in zip(images, boxes)]
         indices, probs, vectors = self.models.classify_and_embed(
-            np.stack([p[0] for p in prepared]), np.stack([p[1] for p in prepared]), top_n=5)
-        return Encoded(indices, probs, vectors, [p[2] for p in prepared])
+            np.stack([p.for_classifier for p in prepared]), np.stack([p.for_embedder for p in prepared]), top_n=5)
+        return Encoded(indices, probs, vectors, [p.box for p in prepared])
 
     def answer(self, encoded: Encoded, k: int = 5, strategy: Strategy | str | None = None, *,
                min_score: float | None = None) -> list[QueryResult]:
         """Searches the index for encoded queries with ``strategy`` (a :class:`Strategy` or its name;
-        default: the engine's).
+        default: the engine's), in the one query order (:meth:`Strategy.plan`).
 
         Raises:
             ValueError: a bad ``k`` or strategy name.
         """
         check_k(k)
-        strategy = Strategy.load(strategy, default=self.strategy)
+        strategy = Strategy.resolve(strategy, self.strategy)
         classes = class_answers(self.models.classifier.labels, encoded.classes, encoded.probs)
-        class_hits: list[list[Hit] | None] = [None] * len(classes)
-        rows = [q for q, row in enumerate(classes) if strategy.wants_class(row)]
-        if rows:
-            found = self.index.search_class(encoded.vectors[rows], [strategy.searched_classes(classes[q]) for q in rows],
-                                            k, min_score=min_score)
-            for q, hits in zip(rows, found):
-                class_hits[q] = hits
-        global_hits: list[list[Hit] | None] = [None] * len(classes)
-        rows = [q for q in range(len(classes)) if strategy.needs_global(class_hits[q], k)]
-        if rows:
-            found = self.index.search_global(encoded.vectors[rows], strategy.global_k(k), min_score=min_score)
-            for q, hits in zip(rows, found):
-                global_hits[q] = hits
-        results = []
-        for q, row in enumerate(classes):
-            hits, note = strategy.finish(k, row, class_hits[q], global_hits[q], self.index.manifest.class_size)
-            results.append(QueryResult(row, hits, encoded.boxes[q], str(strategy), note))
-        return results
+
+        def search(request: Search) -> list[list[Hit]]:
+            vectors = encoded.vectors[request.rows]
+            if request.classes is None:
+                return self.index.search_global(vectors, request.k, min_score=min_score)
+            return self.index.search_class(vectors, request.classes, request.k, min_score=min_score)
+
+        answers = run_plan(strategy.plan(classes, k, self.index.manifest.class_size), search)
+        return [QueryResult(row, hits, box, str(strategy), note)
+                for row, (hits, note), box in zip(classes, answers, encoded.boxes)]
 
     def search(self, images: list[bytes], k: int = 5, strategy: Strategy | str | None = None, *,
                min_score: float | None = None, crop: bool = False) -> list[QueryResult]:
@@ -210,5 +215,5 @@ class QueryEngine:
             ValueError: a bad ``k`` or strategy, or ``crop`` without a detector.
         """
         check_k(k)  # before the models run
-        strategy = Strategy.load(strategy, default=self.strategy)
+        strategy = Strategy.resolve(strategy, self.strategy)
         return self.answer(self.encode(images, crop), k, strategy, min_score=min_score)

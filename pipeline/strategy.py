@@ -8,19 +8,24 @@
                     probability of each candidate's class (BETA = 0 is global)
 
 A class-restricted search that finds fewer than k results says so and why in the answer's
-``note``, and with ``fill`` (the default) tops up from the global search. The steps are pure and
-shared by every query path: :class:`pipeline.search.QueryEngine` (``jobs.search``,
-``jobs.evaluate``) and the service's ingress (``serve/app.py``) each run
-``wants_class`` -> class search -> ``needs_global`` -> global search -> ``finish``.
+``note``, and with ``fill`` (the default) tops up from the global search.
+
+The query order exists once, in :meth:`Strategy.plan`: a generator that yields the searches a batch
+of queries needs (:class:`Search`: the class search of the rows that want one, then the global search
+of the rows that still need one) and receives their hits. Every query path drives the same plan over
+its own searcher: :func:`run_plan` over a loaded index (:class:`pipeline.search.QueryEngine`, hence
+``jobs.search`` and ``jobs.evaluate``), :func:`run_plan_async` over the retriever replicas (the
+service's ingress, ``serve/app.py``). :meth:`Strategy.resolve` is the one rule for which strategy a
+query uses: the request's, else the service's (or engine's), else the index's, else global.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 from pipeline.index import Hit
 
@@ -110,6 +115,18 @@ class Strategy:
                 raise ValueError(f"strategy file {path} is not a strategy ({exc})") from None
         return cls.parse(value)
 
+    @classmethod
+    def resolve(cls, *choices: "str | dict | Strategy | None", fill: bool | None = None) -> "Strategy":
+        """The strategy a query uses: the first of ``choices`` that is given, most specific first
+        (the request's, the service's or engine's, the index manifest's), else global; ``fill``
+        (None: the strategy's own) overrides its fill.
+
+        Raises:
+            ValueError: the chosen one is an unknown name or a malformed file.
+        """
+        chosen = next((c for c in choices if c is not None), None)
+        return cls.load(chosen).with_fill(fill)
+
     def with_fill(self, fill: bool | None) -> "Strategy":
         return self if fill is None or fill == self.fill else replace(self, fill=fill)
 
@@ -125,7 +142,36 @@ class Strategy:
     def to_json(self) -> dict:
         return {"name": str(self), **asdict(self)}
 
-    # ---- the steps every query path runs -------------------------------------------------------
+    # ---- the query order ------------------------------------------------------------------------
+
+    def plan(self, classes: Sequence[Sequence[dict]], k: int,
+             class_size: Callable[[int], int]) -> "Generator[Search, list[list[Hit]], list[Answer]]":
+        """The searches a batch of queries needs, in order, and their answers.
+
+        A generator: it yields :class:`Search` requests (at most one class search, then at most one
+        global search), each to be sent back the hits of its rows in order, and returns per query
+        its hits and note (:meth:`finish`). Drive it with :func:`run_plan` or :func:`run_plan_async`.
+
+        Args:
+            classes: per query, its class answers (``index``, ``name``, ``probability``), best first.
+            k: results wanted per query.
+            class_size: gallery images of a class (for the note of a short class answer).
+        """
+        class_hits: list[list[Hit] | None] = [None] * len(classes)
+        rows = [q for q, row in enumerate(classes) if self.wants_class(row)]
+        if rows:
+            found = yield Search(rows, k, [self.searched_classes(classes[q]) for q in rows])
+            for q, hits in zip(rows, found, strict=True):
+                class_hits[q] = hits
+        global_hits: list[list[Hit] | None] = [None] * len(classes)
+        rows = [q for q in range(len(classes)) if self.needs_global(class_hits[q], k)]
+        if rows:
+            found = yield Search(rows, self.global_k(k))
+            for q, hits in zip(rows, found, strict=True):
+                global_hits[q] = hits
+        return [self.finish(k, row, class_hits[q], global_hits[q], class_size) for q, row in enumerate(classes)]
+
+    # ---- the steps of the plan ------------------------------------------------------------------
 
     def wants_class(self, classes: Sequence[dict]) -> bool:
         """Whether this query searches its predicted classes (``classes``: its class answers, best first)."""
@@ -177,3 +223,44 @@ class Strategy:
         extra = [h for h in (global_hits or []) if h.id not in seen][: k - len(hits)]
         return hits + extra, f"{len(hits)} of {k} results from the class search: {why}; {len(extra)} filled " \
                              f"from the global search"
+
+
+#: A query's answer: its hits, best first, and a note when a class search fell short of k.
+Answer = tuple[list[Hit], str | None]
+
+
+@dataclass(frozen=True)
+class Search:
+    """One search a plan asks for.
+
+    Attributes:
+        rows: the queries of the batch it is for (positions).
+        k: results wanted per query.
+        classes: per row, the classes to search among; None: the whole gallery (global search).
+    """
+
+    rows: list[int]
+    k: int
+    classes: list[list[int]] | None = None
+
+
+def run_plan(plan: Generator[Search, list[list[Hit]], list[Answer]],
+             search: Callable[[Search], list[list[Hit]]]) -> list[Answer]:
+    """Drives a :meth:`Strategy.plan` with a searcher that answers each :class:`Search`."""
+    try:
+        request = next(plan)
+        while True:
+            request = plan.send(search(request))
+    except StopIteration as done:
+        return done.value
+
+
+async def run_plan_async(plan: Generator[Search, list[list[Hit]], list[Answer]],
+                         search: Callable[[Search], Awaitable[list[list[Hit]]]]) -> list[Answer]:
+    """:func:`run_plan` with an asynchronous searcher (the service's retriever replicas)."""
+    try:
+        request = next(plan)
+        while True:
+            request = plan.send(await search(request))
+    except StopIteration as done:
+        return done.value

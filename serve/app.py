@@ -35,8 +35,8 @@ from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, 
 from pipeline.index import Hit, ShardedIndex
 from pipeline.manifests import IndexManifest
 from pipeline.models import CropPolicy, load_classifier, load_detector, load_embedder, select_runtime
-from pipeline.search import QueryPreprocess, class_answers, merge_hits
-from pipeline.strategy import Strategy
+from pipeline.search import Prepared, QueryPreprocess, class_answers, merge_hits
+from pipeline.strategy import Search, Strategy, run_plan_async
 from pipeline.sources import read_uri
 from pipeline.storage import Location
 from serve.budget import BudgetExhausted, PixelBudget
@@ -343,17 +343,18 @@ class Ingress:
                                          for r in self.retrievers))
         return [Hit.from_json(h) for h in merge_hits(answers, k)]
 
-    async def _search(self, strategy: Strategy, vector: np.ndarray, classes: list[dict], k: int,
-                      min_score: float | None) -> tuple[list[dict], str | None]:
-        """The strategy's steps (as QueryEngine.answer takes them) over the retrievers."""
-        class_hits = None
-        if strategy.wants_class(classes):
-            class_hits = await self._merge(vector, strategy.searched_classes(classes), k, "class", min_score)
-        global_hits = None
-        if strategy.needs_global(class_hits, k):
-            global_hits = await self._merge(vector, [], strategy.global_k(k), "global", min_score)
-        hits, note = strategy.finish(k, classes, class_hits, global_hits, self.manifest.class_size)
-        return _results(hits), note
+    async def _prepare(self, data: bytes, crop: bool) -> Prepared:
+        """Decodes, crops and resizes an upload on the decoder threads (the detector replica,
+        when cropping, is asked from there through this replica's event loop)."""
+        loop = asyncio.get_running_loop()
+
+        def box_of(image: np.ndarray) -> tuple | None:
+            return asyncio.run_coroutine_threadsafe(_ask(self.detector.crop_box, image), loop).result()
+
+        try:
+            return await self._in_decoder(self.queries.prepare, data, box_of if crop else None)
+        except ImageDecodeError as exc:
+            raise HTTPException(400, f"cannot decode the image: {exc}") from None
 
     @app.post("/search")
     async def search(self, request: Request, k: int = Query(5, ge=1, le=100),
@@ -363,32 +364,31 @@ class Ingress:
                      fill: bool | None = None, crop: Literal["auto", "off"] | None = None,
                      min_score: float | None = Query(None, ge=-1.0, le=1.0)) -> JSONResponse:
         """Upload an image (raw body or a multipart file field); get its classes and similar images."""
-        try:
-            chosen = self.strategy if strategy is None else Strategy.parse(strategy)
+        try:  # a request names a strategy (never a file on the server)
+            chosen = Strategy.resolve(None if strategy is None else Strategy.parse(strategy), self.strategy, fill=fill)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        chosen = chosen.with_fill(fill)
         data = await _read_upload(request, self.limit)
         cropping = (crop or self.config.crop) == "auto" and self.detector is not None
-        if self.config.decode == "device" and not cropping:
-            async with self._decoding(data):  # the model replicas decode it
+        on_device = self.config.decode == "device" and not cropping  # the model replicas decode it
+        async with self._decoding(data):  # the full-size image lives only in this block
+            if on_device:
                 box, (size, classes, vector) = None, await self._classify_and_embed_encoded(data)
-        else:
-            async with self._decoding(data):  # the full-size image lives only in this block
-                try:
-                    image = await self._in_decoder(self.queries.decode, data)
-                except ImageDecodeError as exc:
-                    raise HTTPException(400, f"cannot decode the image: {exc}") from None
-                box, size = None, list(image.shape[:2])
-                if cropping:
-                    box = await _ask(self.detector.crop_box, image)
-                cls_img, emb_img = await self._in_decoder(self.queries.model_inputs, image, box)
-                del image
-            classes, vector = await asyncio.gather(_ask(self.classifier.classify, cls_img),
-                                                   _ask(self.embedder.embed, emb_img))
-        hits, note = await self._search(chosen, vector, classes, k, min_score)
+            else:
+                prepared = await self._prepare(data, cropping)
+                box, size = prepared.box, prepared.size
+        if not on_device:
+            classes, vector = await asyncio.gather(_ask(self.classifier.classify, prepared.for_classifier),
+                                                   _ask(self.embedder.embed, prepared.for_embedder))
+
+        async def search(request: Search) -> list[list[Hit]]:
+            if request.classes is None:
+                return [await self._merge(vector, [], request.k, "global", min_score)]
+            return [await self._merge(vector, request.classes[0], request.k, "class", min_score)]
+
+        [(hits, note)] = await run_plan_async(chosen.plan([classes], k, self.manifest.class_size), search)
         return JSONResponse({"strategy": str(chosen), "crop_box": list(box) if box else None, "image_size": size,
-                             "classes": classes, "results": hits, "note": note})
+                             "classes": classes, "results": _results(hits), "note": note})
 
     @app.post("/search/text")
     async def search_text(self, q: str = Query(..., min_length=1, max_length=500),
@@ -469,6 +469,6 @@ def build_app(args: dict) -> serve.Application:
                   .bind(str(index), group, specs) for i, (group, opts) in enumerate(zip(shards, options))]
     detector = Detector.bind(config.detector, config.device, config.crop_policy, **batching) \
         if config.detector else None
-    strategy = Strategy.load(config.strategy, default=Strategy.load(manifest.strategy))  # a file is read here, once
+    strategy = Strategy.resolve(config.strategy, manifest.strategy)  # a file is read here, once
     resolved = asdict(config) | {"index": str(index), "strategy": strategy.to_json()}
     return Ingress.bind(resolved, manifest, classifier, embedder, retrievers, detector)

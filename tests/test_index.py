@@ -159,7 +159,7 @@ def test_approximate_global_search_recall(tmp_path: Path) -> None:
     emb = write_embeddings(tmp_path / "emb", data)
     build_index(emb, tmp_path / "index", IndexConfig(shard_size=10**6, global_index="ivf", nlist=64))
     index = ShardedIndex.load(tmp_path / "index")
-    assert index.manifest.shards[0]["index_type"] == "ivf"
+    assert index.manifest.shards[0].index_type == "ivf"
     queries = data["embedding"][np.random.default_rng(4).choice(len(data["id"]), 100, replace=False)]
     got = [[h.id for h in hits] for hits in index.search_global(queries, k=10, search=SearchParams(nprobe=16))]
     expected = brute_force(data, queries, 10)
@@ -167,14 +167,12 @@ def test_approximate_global_search_recall(tmp_path: Path) -> None:
     assert recall >= 0.95, recall
 
 
-def test_fallback_and_unknown_classes(gallery) -> None:
+def test_unknown_classes(gallery) -> None:
     _, _, index_dir = gallery
     index = ShardedIndex.load(index_dir)
     query = unit(np.ones((1, DIM)))
     assert index.search_class(query, [[12345]], k=5) == [[]]  # a class with no images: empty, no error
-    filled = index.search_class(query, [[12345]], k=5, fallback_global=True)[0]
-    assert_hits_equal([filled], hit_lists(index.search_global(query, k=5)))
-    assert index.class_size(12345) == 0
+    assert index.manifest.class_size(12345) == 0
     with pytest.raises(ValueError, match="dimension"):
         index.search_global(np.ones((1, DIM + 1), np.float32))
 
@@ -184,8 +182,12 @@ def test_subset_of_shards_for_a_replica(gallery) -> None:
     part = ShardedIndex.load(index_dir, shards=[0])
     full = ShardedIndex.load(index_dir)
     assert 0 < len(part) < len(full)
-    owned = [c for c in range(40) if part.owns_class(c)]
-    assert owned and not all(part.owns_class(c) for c in range(40))
+    owned = {int(c) for c, (shard, _, _) in full.manifest.classes.items() if shard == 0}
+    assert owned and len(owned) < len(full.manifest.classes)
+    query = unit(np.ones((1, DIM)))
+    for c in range(40):  # a replica answers for the classes of its shards only
+        got = [h.id for h in part.search_class(query, [[c]], k=3)[0]]
+        assert got == ([h.id for h in full.search_class(query, [[c]], k=3)[0]] if c in owned else [])
 
 
 def test_corrupted_and_truncated_files_are_named(tmp_path: Path, gallery) -> None:
@@ -266,9 +268,9 @@ def test_head_classes_get_their_own_index(tmp_path: Path) -> None:
     sizes = np.bincount(data["classes"][:, 0])
     emb = write_embeddings(tmp_path / "emb", data)
     manifest = build_index(emb, tmp_path / "index", IndexConfig(head_min_rows=int(np.sort(sizes)[6])))
-    heads = manifest.shards[0]["heads"]
+    heads = manifest.shards[0].heads
     assert heads == sorted(np.flatnonzero(sizes >= np.sort(sizes)[6]).tolist()) and 0 < len(heads) < 12
-    assert all(f"head-{c:06d}.faiss" in manifest.shards[0]["files"] for c in heads)
+    assert all(f"head-{c:06d}.faiss" in manifest.shards[0].files for c in heads)
     index = ShardedIndex.load(tmp_path / "index")
     exact = ShardedIndex.load(tmp_path / "index", heads=False)
     rng = np.random.default_rng(22)
@@ -302,7 +304,7 @@ def test_hnsw_global_search_rescores_exactly(tmp_path: Path) -> None:
     emb = write_embeddings(tmp_path / "emb", data)
     manifest = build_index(emb, tmp_path / "index", IndexConfig(shard_size=2000, global_index="hnsw-sq8"),
                            search=SearchParams(ef_search=64, rerank=3))
-    assert {s["index_type"] for s in manifest.shards} == {"hnsw-sq8"} and len(manifest.shards) > 1
+    assert {s.index_type for s in manifest.shards} == {"hnsw-sq8"} and len(manifest.shards) > 1
     index = ShardedIndex.load(tmp_path / "index")
     assert index.search_params == SearchParams(ef_search=64, rerank=3)
     queries = unit(np.random.default_rng(32).normal(size=(50, DIM)))
@@ -327,7 +329,7 @@ def test_float16_vectors_halve_the_bytes_and_keep_the_ranking(tmp_path: Path) ->
     config = IndexConfig(head_min_rows=None)
     m32 = build_index(emb, tmp_path / "f32", config)
     m16 = build_index(emb, tmp_path / "f16", config, dtype="float16")
-    b32, b16 = m32.shards[0]["files"]["vectors.npy"]["bytes"], m16.shards[0]["files"]["vectors.npy"]["bytes"]
+    b32, b16 = m32.shards[0].files["vectors.npy"]["bytes"], m16.shards[0].files["vectors.npy"]["bytes"]
     assert b16 - 128 == (b32 - 128) // 2 == 3000 * DIM * 2
     f32, f16 = ShardedIndex.load(tmp_path / "f32"), ShardedIndex.load(tmp_path / "f16")
     rng = np.random.default_rng(42)
@@ -354,7 +356,7 @@ def test_max_pixels_travels_from_the_embeddings_to_every_query_path(tmp_path: Pa
         return out.getvalue()
 
     engine = QueryEngine.load(str(tmp_path / "index"))
-    assert engine.decode(jpeg(50)).shape == (50, 50, 3)
+    assert engine.queries.decode(jpeg(50)).shape == (50, 50, 3)
     with pytest.raises(ImageDecodeError, match="too large"):
         engine.search([jpeg(51)])
     with pytest.raises(ImageDecodeError, match="too large"):

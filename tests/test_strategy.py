@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation import RERANK_BETAS, calibration_folds, recommend, strategy_grid
+from pipeline.evaluation import RERANK_BETAS, EvalConfig, calibration_folds, recommend, strategy_grid
 from pipeline.index import Hit
-from pipeline.strategy import Strategy
+from pipeline.strategy import Search, Strategy, run_plan
 
 
 def classes(*probs: float) -> list[dict]:
@@ -117,6 +117,35 @@ def test_rerank_orders_global_candidates_by_similarity_plus_the_class_prior() ->
     assert Strategy("rerank", beta=0.1).global_k(5) == 50 and Strategy().global_k(5) == 5
 
 
+def test_the_plan_asks_one_class_search_then_one_global_search_for_the_rows_that_need_them() -> None:
+    """The query order: a gated batch searches the sure queries' classes, then globally the unsure ones
+    and the class answers that fell short; each answer is finished from its own searches."""
+    batch = [classes(0.9, 0.05), classes(0.2, 0.1), classes(0.8, 0.1)]
+    asked = []
+
+    def search(request: Search) -> list[list[Hit]]:
+        asked.append(request)
+        if request.classes is not None:   # row 0 finds 2 of its class, row 2 none
+            return [[hit(1, 0.9), hit(2, 0.8)], []]
+        return [[hit(10 + q, 0.5 - q / 10, 11), hit(20 + q, 0.4 - q / 10, 11)] for q in request.rows]
+
+    answers = run_plan(Strategy("gated", 1, tau=0.5).plan(batch, 2, size), search)
+    assert asked == [Search([0, 2], 2, [[10], [10]]), Search([1, 2], 2)]
+    assert [[h.id for h in hits] for hits, _ in answers] == [[1, 2], [11, 21], [12, 22]]
+    assert [note is None for _, note in answers] == [True, True, False]
+    asked.clear()
+    assert run_plan(Strategy().plan(batch, 2, size), search) == [(hits, None) for hits in search(Search([0, 1, 2], 2))]
+    assert asked[0] == Search([0, 1, 2], 2) and len(asked) == 2   # global: one search, no class search
+
+
+def test_strategy_resolution_takes_the_most_specific_one_given() -> None:
+    assert Strategy.resolve(None, None, None) == Strategy()
+    assert Strategy.resolve(None, "class@2", {"kind": "gated", "tau": 0.3}) == Strategy("class", 2)
+    assert Strategy.resolve("rerank:0.1", "class@2") == Strategy("rerank", beta=0.1)
+    assert Strategy.resolve(None, None, {"kind": "gated", "tau": 0.3}, fill=False) == Strategy("gated", tau=0.3,
+                                                                                               fill=False)
+
+
 def test_calibration_folds_split_every_class_in_halves_seeded() -> None:
     labels = np.array(["a"] * 6 + ["b"] * 5 + ["c"] * 2, dtype=object)
     folds = calibration_folds(labels, seed=0)
@@ -141,3 +170,9 @@ def test_the_sweep_covers_every_strategy_and_both_ends_of_the_gate() -> None:
     assert len(taus) == 19 and 0.05 < min(taus) < 0.1 and 0.9 < max(taus) < 0.95
     assert {s.top_n for s in grid if s.kind == "gated"} == {1, 3}
     assert [s.beta for s in grid if s.kind == "rerank"] == list(RERANK_BETAS)
+
+
+def test_an_evaluations_crop_threshold_is_checked() -> None:
+    assert EvalConfig(output="out", dataset="mnist5000").crop_min_score == 0.5
+    with pytest.raises(ValueError, match=r"CropPolicy.min_score must be in \[0, 1\], got 1.5"):
+        EvalConfig(output="out", dataset="mnist5000", crop_min_score=1.5)

@@ -180,7 +180,7 @@ def _class_search(index, exact_index, queries, q_cls, thresholds, efs, truth_ids
         hits = exact_index.search_class(query[None], [[cls]], k=10)[0]
         exact_s.append(time.perf_counter() - t0)
         exact_ids.append({h.id for h in hits})
-    sizes = np.array([index.class_size(c) for c in q_cls])
+    sizes = np.array([index.manifest.class_size(c) for c in q_cls])
     head_s = {ef: {} for ef in efs}
     head_ids = {ef: {} for ef in efs}
     for ef in efs:
@@ -285,7 +285,7 @@ def bench_index(args: argparse.Namespace) -> dict:
         per_million = 1e6 / args.rows
         results["bytes_per_million"] = {k: round(v * per_million) for k, v in disk.items()}
         results["shards"] = len(index.manifest.shards)
-        heads = {int(c): index.class_size(int(c)) for s in index.manifest.shards for c in s.get("heads", [])}
+        heads = {int(c): index.manifest.class_size(int(c)) for s in index.manifest.shards for c in s.heads}
         results["head_classes"] = {str(t): {"classes": sum(n >= t for n in heads.values()),
                                             "rows": sum(n for n in heads.values() if n >= t)} for t in thresholds}
         print(f"built in {results['build_s']} s; measuring ...", flush=True)

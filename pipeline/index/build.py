@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
 from pipeline.index.faiss_index import IndexConfig, SearchParams, build_faiss_index, choose_index_type, head_file
-from pipeline.manifests import EmbeddingManifest, IndexManifest
+from pipeline.manifests import EmbeddingManifest, IndexManifest, ShardEntry
 from pipeline.storage import Location
 
 ROW_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
@@ -52,8 +52,9 @@ def plan_shards(class_counts: dict[int, int], shard_size: int) -> list[list[int]
 
 
 def write_shard(directory: Location, rows: pa.Table, vectors: np.ndarray, config: IndexConfig,
-                dtype: str = "float32") -> dict:
-    """Writes one shard (rows already sorted by class, id) and returns its manifest entry.
+                dtype: str = "float32") -> tuple[ShardEntry, dict[int, list[int]]]:
+    """Writes one shard (rows already sorted by class, id) and returns its manifest entry and where
+    each of its classes lies (class -> ``[start, end]`` row positions).
 
     The files are built in a local folder first, then moved (a local index) or uploaded (an object
     store) to ``directory``; the index manifest, written after every shard, is what commits them.
@@ -98,8 +99,9 @@ def write_shard(directory: Location, rows: pa.Table, vectors: np.ndarray, config
         if directory.path.exists():
             shutil.rmtree(directory.path)
         os.replace(tmp, directory.path)
-    return {"path": f"shards/{directory.name}", "rows": int(len(vectors)), "index_type": kind,
-            "classes": ranges, "heads": heads, "files": files}
+    entry = ShardEntry(path=f"shards/{directory.name}", rows=int(len(vectors)), index_type=kind,
+                       classes=len(ranges), files=files, heads=heads)
+    return entry, ranges
 
 
 def class_ranges(classes: np.ndarray) -> dict[int, list[int]]:
@@ -207,7 +209,7 @@ def _not_in(values: np.ndarray, sorted_skip: np.ndarray) -> np.ndarray:
 
 
 def build_shard_from_bucket(bucket: Location, directory: Location, config: IndexConfig, dtype: str = "float32",
-                            existing: Location | None = None) -> dict:
+                            existing: Location | None = None) -> tuple[ShardEntry, dict[int, list[int]]]:
     """Builds one shard from its bucket file (plus, when appending, the shard's current contents)."""
     rows, vectors = _rows_and_vectors(bucket.read_parquet())
     if existing is not None:
@@ -221,21 +223,21 @@ def build_shard_from_bucket(bucket: Location, directory: Location, config: Index
     return write_shard(directory, rows, vectors, config, dtype)
 
 
-def write_index_manifest(index_dir: Location, shards: list[dict], source: EmbeddingManifest | IndexManifest,
-                         config: IndexConfig, dim: int, dtype: str, sources: list[str],
-                         strategy: dict | None = None, search: SearchParams | None = None) -> IndexManifest:
-    """Writes the index ``manifest.json``: the shards, where each class lies, the models and
-    decode limit of ``source`` (the embedding output, or the index being appended to), the
+def write_index_manifest(index_dir: Location, shards: list[tuple[ShardEntry, dict[int, list[int]]]],
+                         source: EmbeddingManifest | IndexManifest, config: IndexConfig, dim: int, dtype: str,
+                         sources: list[str], strategy: dict | None = None,
+                         search: SearchParams | None = None) -> IndexManifest:
+    """Writes the index ``manifest.json``: the shards (each with where its classes lie), the models
+    and decode limit of ``source`` (the embedding output, or the index being appended to), the
     default search strategy and the search parameters."""
     class_map = {}
-    for number, shard in enumerate(shards):
-        for cls, (start, end) in shard["classes"].items():
+    for number, (_, ranges) in enumerate(shards):
+        for cls, (start, end) in ranges.items():
             class_map[str(cls)] = [number, start, end]
     manifest = IndexManifest(
         models=source.models, dim=dim, vector_dtype=dtype, config=dataclasses.asdict(config), sources=sources,
-        rows=sum(s["rows"] for s in shards), classes=class_map, max_pixels=source.max_pixels, strategy=strategy,
-        search=(search or SearchParams()).to_json(),
-        shards=[{k: v for k, v in s.items() if k != "classes"} | {"classes": len(s["classes"])} for s in shards])
+        rows=sum(entry.rows for entry, _ in shards), classes=class_map, max_pixels=source.max_pixels,
+        strategy=strategy, search=(search or SearchParams()).to_json(), shards=[entry for entry, _ in shards])
     manifest.write(index_dir)
     return manifest
 
@@ -244,13 +246,13 @@ def _shard_dir(index_dir: Location, number: int) -> Location:
     return index_dir / "shards" / f"{number:04d}"
 
 
-def _shard_jobs_map(jobs: list[tuple], mapper) -> list[dict]:
+def _shard_jobs_map(jobs: list[tuple], mapper) -> list[tuple[ShardEntry, dict[int, list[int]]]]:
     return list(mapper(lambda job: build_shard_from_bucket(*job), jobs))
 
 
 def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, config: IndexConfig = IndexConfig(),
                 dtype: str = "float32", mapper=map, strategy: dict | None = None,
-                search: SearchParams | None = None) -> dict:
+                search: SearchParams | None = None) -> IndexManifest:
     """Builds a class-sharded index from an embedding job's output.
 
     Args:
@@ -289,7 +291,8 @@ def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | L
                                 strategy, search)
 
 
-def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, mapper=map, strategy: dict | None = None) -> dict:
+def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, mapper=map,
+                 strategy: dict | None = None) -> IndexManifest:
     """Adds a new embedding output to an existing index, rebuilding only the shards it touches.
 
     Rows whose id is already indexed are skipped; images of known classes go to their class's shard
@@ -310,7 +313,7 @@ def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | 
                          f"{index_dir} with {old.max_pixels}; re-run the embedding job with --max-pixels "
                          f"{old.max_pixels}")
     config = IndexConfig(**old.config)
-    known_ids = np.sort(np.concatenate([(index_dir / s["path"] / "rows.parquet").read_parquet(["id"])
+    known_ids = np.sort(np.concatenate([(index_dir / s.path / "rows.parquet").read_parquet(["id"])
                                         ["id"].to_numpy() for s in old.shards] or [np.zeros(0, np.int64)]))
     counts = count_classes(parts, known_ids)
     old_map = {int(c): v for c, v in old.classes.items()}
@@ -332,9 +335,7 @@ def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | 
         if number in rebuilt:
             entries.append(rebuilt[number])
         else:
-            entry = dict(old.shards[number])
-            entry["classes"] = {c: [v[1], v[2]] for c, v in old_map.items() if v[0] == number}
-            entries.append(entry)
+            entries.append((old.shards[number], {c: [v[1], v[2]] for c, v in old_map.items() if v[0] == number}))
     return write_index_manifest(index_dir, entries, old, config, old.dim, old.vector_dtype,
                                 old.sources + [str(embeddings_dir)],
                                 old.strategy if strategy is None else strategy, SearchParams.from_json(old.search))

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
 from pipeline.index.faiss_index import SearchParams, faiss_uses_gpu, head_file, is_exact
-from pipeline.manifests import IndexManifest
+from pipeline.manifests import IndexManifest, ShardEntry
 from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
@@ -193,8 +193,8 @@ class ShardedIndex:
                 raise ValueError(f"shard {number} does not exist (index has {len(manifest.shards)})")
             entry = manifest.shards[number]
             if not heads:
-                entry = {**entry, "heads": []}
-            loaded.append(load_shard(root / entry["path"], number, entry, verify, gpu))
+                entry = replace(entry, heads=[])
+            loaded.append(load_shard(root / entry.path, number, entry, verify, gpu))
         return cls(where, manifest, loaded, search)
 
     def lookup(self, image_id: int) -> Hit | None:
@@ -205,19 +205,8 @@ class ShardedIndex:
         where = self._positions.get(int(image_id))
         return None if where is None else self._shards[where[0]].hit(where[1], 1.0)
 
-    def owns_class(self, cls: int) -> bool:
-        """Whether the class's images are in a shard loaded here."""
-        where = self._class_map.get(int(cls))
-        return where is not None and where[0] in self._shards
-
-    def class_size(self, cls: int) -> int:
-        """Gallery images of a class (0 for a class with none)."""
-        where = self._class_map.get(int(cls))
-        return 0 if where is None else where[2] - where[1]
-
     def search_class(self, queries: np.ndarray, classes: np.ndarray, k: int = 5, *,
-                     min_score: float | None = None, fallback_global: bool = False,
-                     search: SearchParams | None = None) -> list[list[Hit]]:
+                     min_score: float | None = None, search: SearchParams | None = None) -> list[list[Hit]]:
         """Approach 2: search among the images of each query's predicted classes only.
 
         A class with its own index (at least ``IndexConfig.head_min_rows`` images) is searched
@@ -228,8 +217,6 @@ class ShardedIndex:
             classes: (Q, n) predicted class indices per query (top-n); -1 entries are ignored.
             k: results per query.
             min_score: drop results below this similarity.
-            fallback_global: when the classes hold fewer than k images (here), fill up from a
-                global search.
             search: search parameters for this call (default: the index's ``search_params``).
 
         Returns:
@@ -251,10 +238,6 @@ class ShardedIndex:
                 hits.extend((shard, int(p)) for p in positions)
             order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")[:k]
             found = [hits[i][0].hit(hits[i][1], scores[i]) for i in order]
-            if fallback_global and len(found) < k:
-                seen = {h.id for h in found}
-                extra = self.search_global(query[None], k + len(found), search=params)[0]
-                found += [h for h in extra if h.id not in seen][: k - len(found)]
             results.append(threshold(found, min_score))
         return results
 
@@ -313,12 +296,12 @@ def cached_copy(index: Location, manifest: IndexManifest, shards: Iterable[int],
         if not 0 <= number < len(manifest.shards):
             raise ValueError(f"shard {number} does not exist (index has {len(manifest.shards)})")
         entry = manifest.shards[number]
-        for name, facts in entry["files"].items():
-            local = root / entry["path"] / name
+        for name, facts in entry.files.items():
+            local = root / entry.path / name
             if local.is_file() and local.stat().st_size == facts["bytes"] and sha256_file(local) == facts["sha256"]:
                 kept += 1
                 continue
-            source = index / entry["path"] / name
+            source = index / entry.path / name
             try:
                 digest = source.download(local)
             except FileNotFoundError:
@@ -332,8 +315,8 @@ def cached_copy(index: Location, manifest: IndexManifest, shards: Iterable[int],
     return root
 
 
-def load_shard(directory: Path, number: int, entry: dict, verify: bool, gpu: bool) -> Shard:
-    for name, facts in entry["files"].items():
+def load_shard(directory: Path, number: int, entry: ShardEntry, verify: bool, gpu: bool) -> Shard:
+    for name, facts in entry.files.items():
         path = directory / name
         if not path.is_file():
             raise IndexIntegrityError(f"index file {path} is missing")
@@ -345,18 +328,18 @@ def load_shard(directory: Path, number: int, entry: dict, verify: bool, gpu: boo
     try:
         vectors = np.load(directory / "vectors.npy", mmap_mode="r")
         rows = pq.read_table(directory / "rows.parquet", memory_map=True)
-        index = read_faiss(directory / "index.faiss", entry.get("index_type", "flat"))
-        heads = {int(cls): read_faiss(directory / head_file(int(cls)), "hnsw-sq8") for cls in entry.get("heads", [])}
+        index = read_faiss(directory / "index.faiss", entry.index_type)
+        heads = {int(cls): read_faiss(directory / head_file(int(cls)), "hnsw-sq8") for cls in entry.heads}
     except (OSError, ValueError, RuntimeError, pa.ArrowException) as exc:
         raise IndexIntegrityError(f"cannot read shard {directory}: {exc}") from None
     if gpu:
         index = faiss.index_cpu_to_all_gpus(index)
-    if not (len(vectors) == rows.num_rows == index.ntotal == entry["rows"]):
+    if not (len(vectors) == rows.num_rows == index.ntotal == entry.rows):
         raise IndexIntegrityError(f"shard {directory}: vectors {len(vectors)}, rows {rows.num_rows}, "
-                                  f"index {index.ntotal}, manifest {entry['rows']} disagree")
+                                  f"index {index.ntotal}, manifest {entry.rows} disagree")
     return Shard(number, vectors, rows.column("id").to_numpy(), rows.column("uri").combine_chunks(),
                  rows.column("label").combine_chunks(), rows.column("class").to_numpy(), index,
-                 exact=is_exact(entry.get("index_type", "flat")), heads=heads)
+                 exact=is_exact(entry.index_type), heads=heads)
 
 
 def read_faiss(path: Path, kind: str) -> faiss.Index:
