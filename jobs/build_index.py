@@ -2,7 +2,7 @@
 
     python -m jobs.build_index --embeddings OUT --output INDEX [--shard-size N]
                                [--global-index auto|flat|hnsw-sq8|ivf|ivfpq|hnsw] [--head-min-rows N]
-                               [--vector-dtype float32|float16] [--ef-search N] [--head-ef-search N] [--rerank N]
+                               [--vector-dtype float32|float16] [--ef-search N] [--head-ef-search N] [--refine N]
                                [--append] [--ray] [--strategy NAME|FILE]
     python -m jobs.build_index --output INDEX --strategy NAME|FILE     # set it on an existing index
 
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"HNSW search breadth of the global indexes (default: {defaults.ef_search})")
     parser.add_argument("--head-ef-search", type=int, default=defaults.head_ef_search,
                         help=f"search breadth of the head classes' indexes (default: {defaults.head_ef_search})")
-    parser.add_argument("--rerank", type=int, default=defaults.rerank,
-                        help=f"approximate candidates per result, re-scored exactly (default: {defaults.rerank})")
+    parser.add_argument("--refine", type=int, default=defaults.refine,
+                        help=f"approximate candidates per result, re-scored exactly (default: {defaults.refine})")
     parser.add_argument("--nprobe", type=int, default=defaults.nprobe,
                         help=f"IVF lists visited per query (default: {defaults.nprobe})")
     parser.add_argument("--append", action="store_true", help="add to the existing index at --output")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         strategy = None if args.strategy is None else Strategy.load(args.strategy).to_json()
         search = SearchParams(ef_search=args.ef_search, head_ef_search=args.head_ef_search, nprobe=args.nprobe,
-                              rerank=args.rerank)
+                              refine=args.refine)
         config = IndexConfig(shard_size=args.shard_size, global_index=args.global_index, nlist=args.nlist,
                              pq_m=args.pq_m, head_min_rows=args.head_min_rows or None)
     except ValueError as exc:

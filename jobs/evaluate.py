@@ -59,6 +59,7 @@ from pipeline.evaluation import (
 )
 from pipeline.files import check_output_folder, sha256_file, write_json_atomically
 from pipeline.index import IndexConfig, build_index
+from pipeline.manifests import Recommendation
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, CropPolicy, as_spec, load_detector, select_runtime
 from pipeline.search import QueryEngine
 
@@ -135,11 +136,10 @@ def run(config: EvalConfig) -> dict:
     write_json_atomically(results, out / "results.json")
     if config.recommend:
         chosen = next(c for c in calibrations[::-1] if c["crop"] == "off")  # the fine-tuned embedder's, if any
-        write_json_atomically({"strategy": chosen["recommended"], "metric": chosen["metric"],
-                               "value": chosen["recommended_value"], "held_out_value": chosen["held_out_value"],
-                               "global_value": chosen["global_value"], "evaluation": title,
-                               "classifier": config.classifier, "embedder": chosen["embedder_spec"]},
-                              Path(config.recommend))
+        Recommendation(strategy=chosen["recommended"], metric=chosen["metric"], value=chosen["recommended_value"],
+                       held_out_value=chosen["held_out_value"], global_value=chosen["global_value"],
+                       evaluation=title, classifier=config.classifier,
+                       embedder=chosen["embedder_spec"]).write(config.recommend)
         results["recommended"] = chosen
     return results
 

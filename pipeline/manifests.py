@@ -252,3 +252,37 @@ class IndexManifest:
                        max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)),
                        metric=raw.get("metric", "inner_product"), strategy=raw.get("strategy"),
                        search=raw.get("search"), created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The strategy file ``jobs.evaluate --recommend`` writes (``--strategy FILE`` everywhere reads it).
+
+    Attributes:
+        strategy: the recommended strategy (``pipeline.strategy.Strategy.to_json``).
+        metric: what it was chosen for (``mAP@5``, ``P@1``, ...).
+        value: its value on all queries; held_out_value: on the half it was not chosen on (the
+            mean of both halves); global_value: the global strategy's on all queries.
+        evaluation: the evaluation's title (data set, queries, gallery).
+        classifier, embedder: the models it was measured with.
+    """
+
+    strategy: dict
+    metric: str
+    value: float
+    held_out_value: float
+    global_value: float
+    evaluation: str
+    classifier: str
+    embedder: str
+
+    def write(self, path: str | Path) -> None:
+        Location(path).write_json(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Recommendation":
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in raw]
+        if missing or not isinstance(raw["strategy"], dict):
+            raise ValueError(f"not a recommendation: missing {', '.join(missing) or 'a strategy object'}")
+        return cls(**{n: raw[n] for n in names})

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.index import Hit
+from pipeline.manifests import Recommendation
 
 STRATEGY_KINDS = ("global", "class", "gated", "rerank")
 _NAME = re.compile(r"^(?P<kind>global|class|gated|rerank)(@(?P<top_n>\d+))?(:(?P<value>[0-9.]+))?$")
@@ -84,8 +85,7 @@ class Strategy:
 
     @classmethod
     def from_json(cls, raw: dict) -> "Strategy":
-        """From :meth:`to_json` (or a ``--recommend`` file, which holds it under ``strategy``)."""
-        raw = raw.get("strategy", raw) if isinstance(raw.get("strategy"), dict) else raw
+        """From :meth:`to_json`."""
         known = {k: raw[k] for k in ("kind", "top_n", "tau", "beta", "candidates", "fill") if k in raw}
         if "kind" not in known:
             raise ValueError(f"a strategy needs a 'kind' ({', '.join(STRATEGY_KINDS)}), got {raw}")
@@ -93,8 +93,8 @@ class Strategy:
 
     @classmethod
     def load(cls, value: "str | dict | Strategy | None", default: "Strategy | None" = None) -> "Strategy":
-        """A strategy from a name, a JSON file (``jobs.evaluate --recommend``), a dict or None (``default``,
-        else global).
+        """A strategy from a name, a JSON file (a :class:`pipeline.manifests.Recommendation` from
+        ``jobs.evaluate --recommend``, or a bare :meth:`to_json`), a dict or None (``default``, else global).
 
         Raises:
             ValueError: an unknown name or a malformed file.
@@ -108,7 +108,8 @@ class Strategy:
         if value.endswith(".json") or Path(value).is_file():
             path = Path(value)
             try:
-                return cls.from_json(json.loads(path.read_text()))
+                raw = json.loads(path.read_text())
+                return cls.from_json(Recommendation.from_json(raw).strategy if "strategy" in raw else raw)
             except FileNotFoundError:
                 raise ValueError(f"strategy file {path} does not exist") from None
             except (json.JSONDecodeError, TypeError, AttributeError) as exc:

@@ -303,10 +303,10 @@ def test_hnsw_global_search_rescores_exactly(tmp_path: Path) -> None:
     data = synthetic(5000, classes=20, seed=31)
     emb = write_embeddings(tmp_path / "emb", data)
     manifest = build_index(emb, tmp_path / "index", IndexConfig(shard_size=2000, global_index="hnsw-sq8"),
-                           search=SearchParams(ef_search=64, rerank=3))
+                           search=SearchParams(ef_search=64, refine=3))
     assert {s.index_type for s in manifest.shards} == {"hnsw-sq8"} and len(manifest.shards) > 1
     index = ShardedIndex.load(tmp_path / "index")
-    assert index.search_params == SearchParams(ef_search=64, rerank=3)
+    assert index.search_params == SearchParams(ef_search=64, refine=3)
     queries = unit(np.random.default_rng(32).normal(size=(50, DIM)))
     got = index.search_global(queries, k=10)
     expected = brute_force(data, queries, 10)
@@ -315,10 +315,11 @@ def test_hnsw_global_search_rescores_exactly(tmp_path: Path) -> None:
     by_id = dict(zip(data["id"].tolist(), data["embedding"]))
     for hits, query in zip(got, queries):
         np.testing.assert_allclose([h.score for h in hits], [by_id[h.id] @ query for h in hits], atol=1e-5)
-    narrow = index.search_global(queries, k=10, search=SearchParams(ef_search=1, rerank=1))
+    narrow = index.search_global(queries, k=10, search=SearchParams(ef_search=1, refine=1))
     assert all(len(hits) == 10 for hits in narrow)
-    with pytest.raises(ValueError, match="rerank must be >= 1"):
-        SearchParams(rerank=0)
+    with pytest.raises(ValueError, match="refine must be >= 1"):
+        SearchParams(refine=0)
+    assert SearchParams.from_json({"ef_search": 64, "rerank": 3}) == SearchParams(ef_search=64, refine=3)  # earlier name
 
 
 def test_float16_vectors_halve_the_bytes_and_keep_the_ranking(tmp_path: Path) -> None:

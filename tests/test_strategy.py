@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.evaluation import RERANK_BETAS, EvalConfig, calibration_folds, recommend, strategy_grid
 from pipeline.index import Hit
+from pipeline.manifests import Recommendation
 from pipeline.strategy import Search, Strategy, run_plan
 
 
@@ -53,8 +54,13 @@ def test_bad_names_are_refused(bad: str) -> None:
 
 def test_load_reads_a_recommendation_file_and_defaults_to_global(tmp_path: Path) -> None:
     path = tmp_path / "strategy.json"
-    path.write_text(json.dumps({"strategy": Strategy("gated", 1, tau=0.5).to_json(), "metric": "mAP@5"}))
+    Recommendation(Strategy("gated", 1, tau=0.5).to_json(), "mAP@5", 0.8, 0.78, 0.7, "a set", "c", "e").write(path)
     assert Strategy.load(str(path)) == Strategy("gated", 1, tau=0.5)
+    path.write_text(json.dumps(Strategy("class", 2).to_json()))                # a bare strategy
+    assert Strategy.load(str(path)) == Strategy("class", 2)
+    path.write_text(json.dumps({"strategy": Strategy().to_json(), "metric": "mAP@5"}))
+    with pytest.raises(ValueError, match="not a recommendation: missing value"):
+        Strategy.load(str(path))
     assert Strategy.load(None) == Strategy()
     assert Strategy.load(None, default=Strategy("class", 2)) == Strategy("class", 2)
     with pytest.raises(ValueError, match="does not exist"):

@@ -184,7 +184,7 @@ def _class_search(index, exact_index, queries, q_cls, thresholds, efs, truth_ids
     head_s = {ef: {} for ef in efs}
     head_ids = {ef: {} for ef in efs}
     for ef in efs:
-        params = SearchParams(head_ef_search=ef, rerank=index.search_params.rerank)
+        params = SearchParams(head_ef_search=ef, refine=index.search_params.refine)
         for q in np.flatnonzero(sizes >= min(thresholds)):
             t0 = time.perf_counter()
             hits = index.search_class(queries[q][None], [[q_cls[q]]], k=10, search=params)[0]
@@ -212,7 +212,7 @@ def _global_search(index, queries, efs, truth) -> list[dict]:
     rows = []
     index.search_global(queries, k=10, search=SearchParams(ef_search=max(efs)))  # untimed: page the files in
     for ef in efs:
-        params = SearchParams(ef_search=ef, rerank=index.search_params.rerank)
+        params = SearchParams(ef_search=ef, refine=index.search_params.refine)
         start = time.perf_counter()
         found = index.search_global(queries, k=10, search=params)
         qps = len(queries) / (time.perf_counter() - start)

@@ -73,30 +73,34 @@ class SearchParams:
         ef_search: HNSW search breadth of the global indexes.
         head_ef_search: HNSW search breadth of the head classes' own indexes.
         nprobe: IVF lists visited per shard.
-        rerank: an approximate index returns ``rerank * k`` candidates, re-scored exactly from
-            ``vectors.npy`` (so every score is an exact similarity) and the best k kept.
+        refine: an approximate index returns ``refine * k`` candidates, re-scored exactly from
+            ``vectors.npy`` (so every score is an exact similarity) and the best k kept. (Indexes
+            written before this name record it as ``rerank``, which is read as ``refine``.)
     """
 
     ef_search: int = 256
     head_ef_search: int = 128
     nprobe: int = 32
-    rerank: int = 4
+    refine: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("ef_search", "head_ef_search", "nprobe", "rerank"):
+        for name in ("ef_search", "head_ef_search", "nprobe", "refine"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "SearchParams":
-        return cls(**(raw or {}))
+        raw = dict(raw or {})
+        if "rerank" in raw:  # the earlier name of ``refine``
+            raw["refine"] = raw.pop("rerank")
+        return cls(**raw)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     def candidates(self, k: int) -> int:
         """How many candidates to take from an approximate index for ``k`` results."""
-        return k * self.rerank
+        return k * self.refine
 
     def faiss_params(self, index: faiss.Index, n: int, head: bool = False) -> faiss.SearchParameters | None:
         """Per-call FAISS parameters for taking ``n`` results from ``index`` (a head class's index
