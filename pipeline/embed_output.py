@@ -27,9 +27,9 @@ from pipeline.models import (
     DEFAULT_CLASSIFIER,
     DEFAULT_EMBEDDER,
     as_spec,
-    find_weights,
     load_classifier,
     load_embedder,
+    locate_weights,
     select_runtime,
     trained_embedding_metadata,
 )
@@ -218,7 +218,7 @@ def describe_models(config: EmbedConfig) -> ModelSet:
     are built with random weights on the CPU to read their configuration.
     """
     for spec in (config.classifier, config.embedder):
-        find_weights(spec)
+        locate_weights(spec)
     cls_spec, emb_spec = as_spec(config.classifier), as_spec(config.embedder)
     cpu = select_runtime("cpu")
     classifier = load_classifier(dataclasses.replace(cls_spec, weights="random"), cpu)

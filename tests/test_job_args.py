@@ -61,7 +61,7 @@ def test_faiss_loader_chatter_is_not_shown() -> None:
 
 
 def test_unknown_model_names_are_one_line_with_suggestions() -> None:
-    from pipeline.models.spec import require_known
+    from pipeline.models.catalog import require_known
 
     with pytest.raises(ValueError, match=r"timm has no model named 'tf_efficientnet_lite9'; did you mean tf_efficientnet_lite"):
         require_known("timm:tf_efficientnet_lite9")

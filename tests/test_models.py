@@ -19,7 +19,6 @@ from pipeline.models import (
     choose_crop,
     convert_efficientnet_pytorch,
     crop_image,
-    find_weights,
     load_classifier,
     load_detector,
     load_embedder,
@@ -101,13 +100,13 @@ def test_weights_from_local_file_and_hub_cache(tmp_path, rng: np.random.Generato
 
 def test_locate_weights_decides_for_every_library(tmp_path) -> None:
     """One decision: the spec's own answer, the named file, the hub cache, the offline package, else
-    the one error; find_weights reports the same without loading."""
+    the one error."""
     assert locate_weights("timm:test_efficientnet@random") == "random"
     assert locate_weights("open_clip:ViT-B-32/laion2b_s34b_b79k@hub") == "hub"
     file = tmp_path / "w.safetensors"
     file.write_bytes(b"")
     assert locate_weights(f"timm:resnet50@{file}") == file
-    assert find_weights(f"torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@{file}") == str(file)
+    assert locate_weights(f"torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@{file}") == file
     for library in ("timm:resnet50", "open_clip:ViT-B-32/laion2b_s34b_b79k", "torchvision:fasterrcnn_resnet50_fpn"):
         with pytest.raises(FileNotFoundError, match="does not exist"):
             locate_weights(f"{library}@{tmp_path / 'nope.pth'}")
@@ -115,7 +114,7 @@ def test_locate_weights_decides_for_every_library(tmp_path) -> None:
     assert locate_weights("timm:tf_efficientnet_lite0", str(tmp_path)) == offline_package_file("tf_efficientnet_lite0")
     for spec in ("timm:test_efficientnet", "open_clip:ViT-B-32/laion2b_s34b_b79k"):
         with pytest.raises(FileNotFoundError, match="hub cache") as info:
-            find_weights(spec, str(tmp_path))
+            locate_weights(spec, str(tmp_path))
         assert "Looked in" in str(info.value) and "@random" in str(info.value)
     with pytest.raises(ValueError, match="pretrained weights"):
         locate_weights("open_clip:lookalike-tiny-clip")

@@ -8,24 +8,18 @@ file is a ``FileNotFoundError`` that says where it looked and how to provide the
 
 from __future__ import annotations
 
-from pipeline.models.classifier import Classifier, create_timm_model, load_classifier, timm_preprocess
+from pipeline.models.catalog import MODEL_CONFIG_DIR, register_project_open_clip_configs, require_known
+from pipeline.models.classifier import Classifier, load_classifier
 from pipeline.models.crop import CropPolicy, Detections, choose_crop, crop_image
 from pipeline.models.detector import Detector, load_detector
-from pipeline.models.embedder import (
-    MODEL_CONFIG_DIR,
-    Embedder,
-    create_open_clip_model,
-    load_embedder,
-    open_clip_preprocess,
-    register_project_open_clip_configs,
-)
+from pipeline.models.embedder import Embedder, create_open_clip_model, load_embedder, open_clip_preprocess
 from pipeline.models.fused import ImageModels, load_image_models
 from pipeline.models.runtime import Runtime, prepare_model, select_runtime, to_model_input
 from pipeline.models.spec import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, EMBEDDING_FORMAT, LIBRARIES, ModelSpec, as_spec
+from pipeline.models.timm_models import create_timm_model, timm_preprocess
 from pipeline.models.weights import (
     WeightSources,
     convert_efficientnet_pytorch,
-    find_weights,
     locate_weights,
     offline_package_file,
     open_clip_pretrained_cfg,
@@ -38,8 +32,9 @@ __all__ = [
     "DEFAULT_CLASSIFIER", "DEFAULT_EMBEDDER", "EMBEDDING_FORMAT", "LIBRARIES", "MODEL_CONFIG_DIR",
     "Classifier", "CropPolicy", "Detections", "Detector", "Embedder", "ImageModels", "ModelSpec", "Runtime",
     "WeightSources", "as_spec", "choose_crop", "convert_efficientnet_pytorch", "create_open_clip_model",
-    "create_timm_model", "crop_image", "find_weights", "load_classifier", "load_detector", "load_embedder",
-    "load_image_models", "locate_weights", "offline_package_file", "open_clip_pretrained_cfg",
-    "open_clip_preprocess", "prepare_model", "read_state_dict", "register_project_open_clip_configs", "seeded",
-    "select_runtime", "timm_preprocess", "to_model_input", "trained_embedding_metadata",
+    "create_timm_model", "crop_image", "load_classifier", "load_detector", "load_embedder",
+    "load_image_models", "locate_weights", "offline_package_file", "open_clip_preprocess",
+    "open_clip_pretrained_cfg", "prepare_model", "read_state_dict", "register_project_open_clip_configs",
+    "require_known", "seeded", "select_runtime", "timm_preprocess", "to_model_input",
+    "trained_embedding_metadata",
 ]

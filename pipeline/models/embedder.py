@@ -3,8 +3,6 @@ mapping images (and texts) to L2-normalised vectors."""
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -12,9 +10,10 @@ import timm
 import torch
 
 from pipeline.images import Preprocess
-from pipeline.models.classifier import create_timm_model, timm_preprocess
+from pipeline.models.catalog import register_project_open_clip_configs, require_known
 from pipeline.models.runtime import Runtime, prepare_model, select_runtime, to_model_input
-from pipeline.models.spec import ModelSpec, as_spec, require_known
+from pipeline.models.spec import ModelSpec, as_spec
+from pipeline.models.timm_models import create_timm_model, timm_preprocess
 from pipeline.models.weights import (
     locate_weights,
     open_clip_pretrained_cfg,
@@ -22,10 +21,6 @@ from pipeline.models.weights import (
     seeded,
     trained_embedding_metadata,
 )
-
-#: open_clip architectures this project adds (a tiny one for tests); every process registers them
-#: on first use, so Ray workers know them too.
-MODEL_CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 
 _OPEN_CLIP_PREPROCESS_KEYS = ("size", "mean", "std", "interpolation", "resize_mode")
 
@@ -98,12 +93,6 @@ def open_clip_preprocess(model: torch.nn.Module) -> Preprocess:
     return Preprocess(size=size, crop_pct=1.0, crop_mode="center" if mode == "shortest" else "squash",
                       interpolation=cfg.get("interpolation", "bicubic"),
                       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-
-
-@functools.cache
-def register_project_open_clip_configs() -> None:
-    """Adds the architectures in :data:`MODEL_CONFIG_DIR` to open_clip (once per process)."""
-    open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def create_open_clip_model(spec: str | ModelSpec, cache_dir: str | None = None) -> torch.nn.Module:

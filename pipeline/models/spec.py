@@ -90,39 +90,3 @@ def as_spec(spec: str | ModelSpec) -> ModelSpec:
     """Accepts a spec string or an already parsed spec."""
     return spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
 
-
-def require_known(spec: str | ModelSpec) -> ModelSpec:
-    """The parsed spec, if its library has a model of that name.
-
-    Raises:
-        ValueError: an unknown library or model name (with the closest known names).
-    """
-    import difflib
-
-    spec = as_spec(spec)
-    if spec.library == "timm":
-        import timm
-
-        if timm.is_model(spec.name):
-            return spec
-        known = timm.list_models()
-    elif spec.library == "open_clip":
-        import open_clip
-
-        from pipeline.models.embedder import register_project_open_clip_configs
-
-        register_project_open_clip_configs()
-        known = open_clip.list_models()
-        if spec.name in known:
-            return spec
-    elif spec.library == "torchvision":
-        from torchvision.models import list_models
-
-        known = list_models()
-        if spec.name in known:
-            return spec
-    else:
-        raise ValueError(f"bad model spec {str(spec)!r}: the library must be one of {', '.join(LIBRARIES)}")
-    close = difflib.get_close_matches(spec.name.split(".")[0], known, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {str(spec)!r}: {spec.library} has no model named {spec.name!r}{hint}")

