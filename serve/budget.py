@@ -36,9 +36,14 @@ class PixelBudget:
         self._turns: deque[object] = deque()
         self._changed = asyncio.Condition()
 
+    @property
+    def waiting(self) -> int:
+        """How many requests are queued for their turn now (asked, neither admitted nor given up)."""
+        return len(self._turns)
+
     @contextlib.asynccontextmanager
-    async def hold(self, pixels: int, wait_s: float) -> AsyncIterator[None]:
-        """Holds ``pixels`` of the budget for the block.
+    async def hold(self, pixels: int, wait_s: float | None) -> AsyncIterator[None]:
+        """Holds ``pixels`` of the budget for the block; ``wait_s=None`` waits without a limit.
 
         Raises:
             BudgetExhausted: not admitted within ``wait_s`` seconds.
