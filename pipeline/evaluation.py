@@ -16,7 +16,14 @@ import numpy as np
 
 from pipeline.grids import draw_grid, result_tiles
 from pipeline.images import decode_image
-from pipeline.metrics import map_at_k, precision_at_k, recall_at_k
+from pipeline.metrics import (
+    average_precision_at_k,
+    map_at_k,
+    precision_at_k,
+    precision_at_k_per_query,
+    recall_at_k,
+    recall_at_k_per_query,
+)
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, CropPolicy, crop_image
 from pipeline.search import Encoded, class_answers
 from pipeline.sources import read_uri
@@ -45,7 +52,8 @@ class EvalConfig:
     worst: int = 5
     metric: str | None = None       # what calibration maximises (default: mAP at the largest k)
     recommend: str | None = None    # write the recommended strategy to this file
-    min_gain: float = 0.005         # least gain over global (in the metric) for another strategy to be recommended
+    min_gain: float = 0.0           # least gain over global (its lower confidence bound) to recommend another
+    confidence: float = 0.95        # of that bound (paired bootstrap over the queries; 0: the measured gain)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.dataset is None):
@@ -58,6 +66,8 @@ class EvalConfig:
             raise ValueError("--per-class must exceed --queries-per-class (the rest is the gallery)")
         if self.grids < 0 or self.worst < 0:
             raise ValueError("--grids and --worst must be >= 0")
+        if not 0 <= self.confidence < 1:
+            raise ValueError(f"--confidence must be in [0, 1), got {self.confidence}")
         if self.top_n > 5:
             raise ValueError(f"--top-n must be 1 to 5 (the classes a query keeps), got {self.top_n}")
         name, _, k = self.target_metric.partition("@")
@@ -164,11 +174,44 @@ def best_strategy(scores: list[float]) -> int:
     return int(np.argmax(np.round(scores, 10)))
 
 
-def recommend(scores: list[float], min_gain: float) -> int:
-    """The best strategy when it beats global (``scores[0]``) by at least ``min_gain``, else global:
-    a gain smaller than the noise of the measurement is not worth a less obvious default."""
-    best = best_strategy(scores)
-    return best if scores[best] - scores[0] >= min_gain else 0
+#: Bootstrap resamples of the recommendation's confidence bounds.
+RESAMPLES = 2000
+
+
+def gain_bounds(per_query: np.ndarray, confidence: float, seed: int = 0) -> np.ndarray:
+    """Lower confidence bounds on each strategy's mean gain over global (row 0), all at once.
+
+    A paired bootstrap over the queries: the queries are resampled with replacement
+    :data:`RESAMPLES` times, and the bound of every strategy is its measured gain minus the
+    ``confidence`` quantile of the largest overshoot of any strategy's resampled gain. So with
+    probability about ``confidence`` every bound holds at the same time: picking the best of a
+    sweep of many strategies does not make a lucky one look real.
+
+    Args:
+        per_query: (strategies, queries) the metric of each query under each strategy; row 0 is global.
+        confidence: 0 gives the measured gains themselves.
+        seed: of the resampling.
+    """
+    diffs = np.asarray(per_query, dtype=np.float64) - per_query[0]
+    measured = diffs.mean(axis=1)
+    if confidence <= 0 or diffs.shape[1] == 0:
+        return measured
+    queries = diffs.shape[1]
+    counts = np.random.default_rng(seed).multinomial(queries, np.full(queries, 1 / queries), size=RESAMPLES)
+    overshoot = (counts @ diffs.T / queries - measured).max(axis=1)
+    return measured - np.quantile(overshoot, confidence)
+
+
+def recommend(per_query: np.ndarray, min_gain: float = 0.0, confidence: float = 0.95, seed: int = 0) -> int:
+    """The strategy to recommend: the best (highest mean; the earliest, simplest, among equals) of
+    those whose gain over global (row 0) has a lower confidence bound (:func:`gain_bounds`) above
+    ``min_gain``, else global. On a few queries no gain is significant and the answer is global;
+    on many, a real gain is picked up."""
+    per_query = np.asarray(per_query, dtype=np.float64)
+    bounds = gain_bounds(per_query, confidence, seed)
+    eligible = [0] + [s for s in range(1, len(per_query)) if bounds[s] > min_gain]
+    means = per_query.mean(axis=1) if per_query.shape[1] else np.zeros(len(per_query))
+    return eligible[best_strategy([means[s] for s in eligible])]
 
 
 def retrieved_labels(results: list, k: int) -> np.ndarray:
@@ -187,8 +230,9 @@ def evaluate_engine(engine, images: list[bytes], query_labels: np.ndarray, n_rel
         The table's rows — global, class@1, class@N, the best gated and rerank settings (chosen on
         all queries) and ``calibrated``: per half of the queries, the setting recommended on the
         other half (a held-out estimate of what calibration gives) — and the calibration: the sweep,
-        the best setting per metric, and the setting recommended for ``config.metric``: the best
-        one if it beats global by ``config.min_gain``, else global.
+        the best setting per metric, and the setting recommended for ``config.metric``
+        (:func:`recommend`: the best one whose gain over global is significant at
+        ``config.confidence``, else global).
     """
     k_max = max(config.ks)
     start = time.perf_counter()
@@ -211,15 +255,18 @@ def evaluate_engine(engine, images: list[bytes], query_labels: np.ndarray, n_rel
                      "class_searches": sum(strategy.wants_class(row) for row in classes)})
     metric = config.target_metric
     scores = [run["metrics"][metric] for run in runs]
+    per_query = np.stack([metric_per_query(run["retrieved"], query_labels, n_relevant, metric) for run in runs])
+
+    def choose(queries: np.ndarray | slice) -> int:
+        return recommend(per_query[:, queries], config.min_gain, config.confidence, config.seed)
+
     folds = calibration_folds(query_labels, config.seed)
     held_out = np.full((len(images), k_max), None, dtype=object)
     chosen = []
-    for fold in (0, 1):
-        train, test = folds != fold, folds == fold
-        pick = recommend([metric_value(run["retrieved"][train], query_labels[train], n_relevant[train], metric)
-                          for run in runs], config.min_gain)
+    for fold in (0, 1):  # chosen on one half by the same rule, measured on the other
+        pick = choose(folds != fold)
         chosen.append(str(grid[pick]))
-        held_out[test] = runs[pick]["retrieved"][test]
+        held_out[folds == fold] = runs[pick]["retrieved"][folds == fold]
 
     def row(name: str, run: dict, retrieved: np.ndarray | None = None) -> dict:
         retrieved = run["retrieved"] if retrieved is None else retrieved
@@ -236,7 +283,7 @@ def evaluate_engine(engine, images: list[bytes], query_labels: np.ndarray, n_rel
         candidates = [i for i, run in enumerate(runs) if run["strategy"].kind == kind]
         best = candidates[best_strategy([scores[i] for i in candidates])]
         rows.append(row(str(runs[best]["strategy"]), runs[best]))
-    recommended = grid[recommend(scores, config.min_gain)]
+    recommended = grid[choose(slice(None))]
     rows.append(row("calibrated", runs[grid.index(recommended)], held_out) | {"chosen": chosen})
     calibration = {
         "metric": metric, "recommended": recommended.to_json(), "recommended_value": scores[grid.index(recommended)],
@@ -244,20 +291,23 @@ def evaluate_engine(engine, images: list[bytes], query_labels: np.ndarray, n_rel
         "best_per_metric": {m: {"strategy": str(grid[i]), "value": runs[i]["metrics"][m]}
                             for m in runs[0]["metrics"] if m.startswith("mAP")
                             for i in [best_strategy([run["metrics"][m] for run in runs])]},
-        "sweep": [{"strategy": str(run["strategy"]), "class_searches": run["class_searches"], **run["metrics"]}
-                  for run in runs]}
+        "confidence": config.confidence,
+        "sweep": [{"strategy": str(run["strategy"]), "class_searches": run["class_searches"], **run["metrics"],
+                   "gain_bound": round(float(bound), 6)}
+                  for run, bound in zip(runs, gain_bounds(per_query, config.confidence, config.seed))]}
     return rows, calibration
 
 
-def metric_value(retrieved: np.ndarray, query_labels: np.ndarray, n_relevant: np.ndarray, metric: str) -> float:
-    """One metric (``mAP@k``, ``P@k`` or ``R@k``) of retrieved labels, unrounded."""
+def metric_per_query(retrieved: np.ndarray, query_labels: np.ndarray, n_relevant: np.ndarray,
+                     metric: str) -> np.ndarray:
+    """One metric (``mAP@k``: each query's AP@k, ``P@k`` or ``R@k``) of each query."""
     name, k = metric.split("@")
     k = int(k)
     if name == "mAP":
-        return map_at_k(retrieved, query_labels, n_relevant, k)
+        return average_precision_at_k(retrieved, query_labels, n_relevant, k)
     if name == "P":
-        return precision_at_k(retrieved, query_labels, k)
-    return recall_at_k(retrieved, query_labels, n_relevant, k)
+        return precision_at_k_per_query(retrieved, query_labels, k)
+    return recall_at_k_per_query(retrieved, query_labels, n_relevant, k)
 
 
 def write_grids(out: Path, row: dict, query_paths: list[str], query_labels: np.ndarray, count: int,

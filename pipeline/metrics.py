@@ -72,15 +72,26 @@ def map_at_k(retrieved_labels: np.ndarray, query_labels: np.ndarray,
     return float(average_precision_at_k(retrieved_labels, query_labels, n_relevant, k).mean())
 
 
+def precision_at_k_per_query(retrieved_labels: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+    """Each query's fraction of the top k that are relevant."""
+    return _relevance(retrieved_labels, query_labels, k).mean(axis=1)
+
+
+def recall_at_k_per_query(retrieved_labels: np.ndarray, query_labels: np.ndarray,
+                          n_relevant: np.ndarray | list[int], k: int) -> np.ndarray:
+    """Each query's fraction of its relevant gallery items found in the top k (0 when it has none)."""
+    rel = _relevance(retrieved_labels, query_labels, k)
+    counts = _relevant_counts(n_relevant, len(rel))
+    hits = rel.sum(axis=1)
+    return np.divide(hits, counts, out=np.zeros_like(hits), where=counts > 0)
+
+
 def precision_at_k(retrieved_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
     """Mean fraction of the top k that are relevant."""
-    return float(_relevance(retrieved_labels, query_labels, k).mean(axis=1).mean())
+    return float(precision_at_k_per_query(retrieved_labels, query_labels, k).mean())
 
 
 def recall_at_k(retrieved_labels: np.ndarray, query_labels: np.ndarray,
                 n_relevant: np.ndarray | list[int], k: int) -> float:
     """Mean fraction of each query's relevant gallery items found in the top k."""
-    rel = _relevance(retrieved_labels, query_labels, k)
-    counts = _relevant_counts(n_relevant, len(rel))
-    hits = rel.sum(axis=1)
-    return float(np.divide(hits, counts, out=np.zeros_like(hits), where=counts > 0).mean())
+    return float(recall_at_k_per_query(retrieved_labels, query_labels, n_relevant, k).mean())

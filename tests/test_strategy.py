@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation import RERANK_BETAS, EvalConfig, calibration_folds, recommend, strategy_grid
+from pipeline.evaluation import RERANK_BETAS, EvalConfig, calibration_folds, gain_bounds, recommend, strategy_grid
 from pipeline.index import Hit
 from pipeline.manifests import Recommendation
 from pipeline.strategy import Search, Strategy, run_plan
@@ -160,11 +160,26 @@ def test_calibration_folds_split_every_class_in_halves_seeded() -> None:
     np.testing.assert_array_equal(calibration_folds(labels, seed=0), folds)
 
 
-def test_the_recommendation_is_global_unless_another_gains_enough() -> None:
-    assert recommend([0.70, 0.71, 0.69], min_gain=0.005) == 1
-    assert recommend([0.70, 0.704, 0.69], min_gain=0.005) == 0          # a gain within the noise
-    assert recommend([0.70, 0.75, 0.75], min_gain=0.005) == 1           # equals: the simpler (earlier) one
-    assert recommend([0.70, 0.60], min_gain=-1) == 0
+def test_the_recommendation_is_global_unless_another_gains_significantly() -> None:
+    rng = np.random.default_rng(0)
+    glob = rng.uniform(0.3, 0.9, 400)
+    better = glob + 0.05                                           # better on every query
+    noise = glob + rng.normal(0.0, 0.2, 400)                       # better on average by luck, not for real
+    assert recommend(np.stack([glob, better])) == 1
+    assert recommend(np.stack([glob, glob.copy()])) == 0           # equal: the simpler (earlier) one
+    assert recommend(np.stack([glob, glob - 0.05])) == 0
+    lucky = max(range(50), key=lambda s: (glob + np.random.default_rng(s).normal(0, 0.2, 400)).mean())
+    sweep = np.stack([glob] + [glob + np.random.default_rng(s).normal(0, 0.2, 400) for s in range(50)])
+    assert sweep[1 + lucky].mean() > glob.mean()                   # the best of 50 noisy ones looks better ...
+    assert recommend(sweep) == 0                                   # ... and is not taken
+    # A small real gain is taken on many queries, not on a few (the same per-query noise).
+    small = glob + 0.01 + rng.normal(0.0, 0.05, 400)
+    assert recommend(np.stack([glob, small])) == 1
+    assert recommend(np.stack([glob[:20], small[:20]])) == 0
+    # Confidence 0 and a negative least gain: whatever measures best.
+    assert recommend(np.stack([glob, noise]), min_gain=-1, confidence=0) == int(noise.mean() > glob.mean())
+    bounds = gain_bounds(np.stack([glob, better, glob]), 0.95)
+    assert bounds[0] <= 1e-12 and bounds[1] == pytest.approx(0.05, abs=1e-9) and bounds[2] <= 0
 
 
 def test_the_sweep_covers_every_strategy_and_both_ends_of_the_gate() -> None:
