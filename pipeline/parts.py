@@ -10,6 +10,8 @@ whole part. A resumed run deletes the parts that nothing names and does their im
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -20,6 +22,13 @@ from pipeline.storage import Location, parquet_bytes
 #: Parallel reads of many small objects (records, id columns) from an object store.
 READ_THREADS = 32
 
+#: TEST HOOK, for tests that kill a job at a known point (tests/test_embed_cluster.py); never set
+#: it in a real run. Its value is ``FOLDER:N:MARKER``: the first N parts written into folders named
+#: FOLDER are committed as usual; once all N are, the local file MARKER is created; every later
+#: part for such a folder blocks before it writes anything, until the process is killed. So when
+#: MARKER appears, exactly N parts of FOLDER are committed and no more ever will be.
+TEST_HANG_AFTER_PARTS = "LOOKALIKE_TEST_HANG_AFTER_PARTS"
+
 
 def record_name(part: str) -> str:
     return part.removesuffix(".parquet") + ".json"
@@ -27,11 +36,42 @@ def record_name(part: str) -> str:
 
 def write_part(folder: Location, name: str, table: pa.Table) -> dict:
     """Writes ``folder/name`` and then its record; returns the record."""
+    hang = _test_hang_turn(folder)
     data = parquet_bytes(table)
     (folder / name).write_bytes(data)
     record = {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     (folder / record_name(name)).write_json(record, indent=None)
+    if hang is not None:
+        _test_hang_committed(*hang)
     return record
+
+
+def _test_hang_turn(folder: Location) -> tuple[str, int, int] | None:
+    """TEST HOOK (:data:`TEST_HANG_AFTER_PARTS`): claims one of the N parts that may still be
+    written (``marker, count, turn``), blocks for good when all N are claimed, or returns None when
+    the hook is off or names another folder. Claims are files created exclusively beside MARKER, so
+    the writers of a job's processes agree on them."""
+    spec = os.environ.get(TEST_HANG_AFTER_PARTS)
+    if not spec:
+        return None
+    folder_name, count, marker = spec.split(":", 2)
+    if folder.name != folder_name:
+        return None
+    for turn in range(int(count)):
+        try:
+            os.close(os.open(f"{marker}.claim{turn}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return marker, int(count), turn
+        except FileExistsError:
+            continue
+    while True:  # a part after the Nth: the job hangs here until the test kills it
+        time.sleep(60)
+
+
+def _test_hang_committed(marker: str, count: int, turn: int) -> None:
+    """TEST HOOK: records that claimed part ``turn`` is committed; the last of the N creates MARKER."""
+    open(f"{marker}.done{turn}", "w").close()
+    if all(os.path.exists(f"{marker}.done{i}") for i in range(count)):
+        open(marker, "a").close()
 
 
 def committed_parts(folder: Location, listed: dict[str, dict] | None = None) -> dict[str, dict]:

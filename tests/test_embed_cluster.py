@@ -19,10 +19,10 @@ import ray
 from conftest import TINY_CLASSIFIER, assert_same_ranking, free_port, make_class_folders
 
 from jobs.build_index import main as build_index_main
-from jobs.embed import EmbedConfig, run
+from pipeline.embed_job import EmbedConfig, run
 from pipeline.index import IndexIntegrityError, ShardedIndex
 from pipeline.manifests import EmbeddingManifest
-from pipeline.parts import committed_parts
+from pipeline.parts import TEST_HANG_AFTER_PARTS, committed_parts
 from pipeline.search import QueryEngine
 from pipeline.storage import Location
 
@@ -125,9 +125,10 @@ def test_killed_job_on_object_storage_resumes_indexes_and_searches_like_local_di
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # with the fixture's AWS variables
     remote = Location(f"{s3_bucket}/run/emb")
 
-    def job(out: str, **kwargs) -> subprocess.Popen:
+    def job(out: str, extra_env: dict | None = None, **kwargs) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "jobs.embed", *args, "--output", out], cwd=REPO,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+                                env=env | (extra_env or {}), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, **kwargs)
 
     def rows(out: Location) -> dict:
         found = {}
@@ -138,16 +139,21 @@ def test_killed_job_on_object_storage_resumes_indexes_and_searches_like_local_di
         return found
 
     reference = job(str(tmp_path / "clean"))  # the local-disk run goes on beside the one that gets killed
-    victim = job(remote.uri, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (remote / "embeddings").list("part-*.json"):  # a part committed by its record
-        assert victim.poll() is None, "the job ended before it could be killed"
-        assert time.monotonic() < deadline
+    # The victim commits exactly two embedding parts, then hangs (pipeline/parts.py's test hook):
+    # the kill falls on a committed-part boundary, whatever the machine's speed.
+    marker = tmp_path / "two-parts-committed"
+    victim = job(remote.uri, start_new_session=True,
+                 extra_env={TEST_HANG_AFTER_PARTS: f"embeddings:2:{marker}"})
+    deadline = time.monotonic() + 300  # only bounds a broken run; the outcome waits on the marker
+    while not marker.exists():
+        assert victim.poll() is None, "the job ended before it committed two parts"
+        assert time.monotonic() < deadline, "the job never committed two parts"
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
+    assert len(committed_parts(remote / "embeddings")) == 2
     written = len(rows(remote))
-    assert written < 64, "killed too late to test anything"
+    assert 0 < written < 64
     # What a writer killed mid-upload (or closed on an error) can leave: an object under a part's
     # final name that no record commits. The resumed run must not trust it.
     (remote / "embeddings" / "part-00000000000000000000.parquet").write_bytes(b"PAR1 half a part")
