@@ -70,34 +70,66 @@ def test_unknown_model_names_are_one_line_with_suggestions() -> None:
     assert require_known("timm:test_efficientnet@random").name == "test_efficientnet"
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--classifier", "timm:nonexistent_model"], "unknown model 'timm:nonexistent_model'"),
-    (["--embedder", "open_clip:nonexistent/tag"], "open_clip has no model named 'nonexistent'"),
-])
-def test_embed_checks_models_before_starting_ray(tmp_path: Path, capsys, argv: list[str], says: str) -> None:
-    import ray
+#: Runs jobs.embed's main on each named argv in a fresh interpreter, so that whether Ray started
+#: does not depend on what other tests did in this process; prints one JSON line of results.
+_EMBED_RUNS = """
+import contextlib, io, json, sys
+import ray
+from jobs import embed
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = embed.main(argv)
+    results[name] = {"code": code, "err": err.getvalue(), "ray": ray.is_initialized()}
+print("RESULTS " + json.dumps(results))
+"""
 
-    from jobs import embed
+_BAD_MODELS = {
+    "classifier": (["--classifier", "timm:nonexistent_model"], "unknown model 'timm:nonexistent_model'"),
+    "embedder": (["--embedder", "open_clip:nonexistent/tag"], "open_clip has no model named 'nonexistent'"),
+}
 
-    (tmp_path / "in").mkdir()
-    out = tmp_path / "out"
-    assert embed.main(["--input", str(tmp_path / "in"), "--output", str(out), *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+
+@pytest.fixture(scope="module")
+def embed_refusals(tmp_path_factory) -> tuple[Path, dict]:
+    """jobs.embed.main on bad models and a missing input, all in one fresh interpreter (one import
+    of the job's stack); returns the folder and name -> ``code``, ``err``, ``ray``."""
+    import json
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("embed-refusals")
+    (root / "in").mkdir()
+    tiny = "timm:test_efficientnet@random"
+    runs = {name: ["--input", str(root / "in"), "--output", str(root / f"out-{name}"), *argv]
+            for name, (argv, _) in _BAD_MODELS.items()}
+    runs["missing-input"] = ["--input", str(root / "missing"), "--output", str(root / "out-missing-input"),
+                             "--classifier", tiny, "--embedder", tiny]
+    done = subprocess.run([sys.executable, "-c", _EMBED_RUNS, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULTS ")]
+    assert len(line) == 1, done.stdout[-3000:]
+    return root, json.loads(line[0].removeprefix("RESULTS "))
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_MODELS))
+def test_embed_checks_models_before_starting_ray(embed_refusals, name: str) -> None:
+    root, results = embed_refusals
+    result, says = results[name], _BAD_MODELS[name][1]
+    assert result["code"] == 2
+    err = result["err"].strip().splitlines()
     assert len(err) == 1 and says in err[0]
-    assert not out.exists() and not ray.is_initialized()
+    assert not (root / f"out-{name}").exists() and not result["ray"]
 
 
-def test_embed_checks_inputs_before_starting_ray(tmp_path: Path, capsys) -> None:
-    import ray
-
-    from jobs import embed
-
-    out = tmp_path / "out"
-    argv = ["--input", str(tmp_path / "missing"), "--output", str(out), "--classifier", "timm:test_efficientnet@random",
-            "--embedder", "timm:test_efficientnet@random"]
-    assert embed.main(argv) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert not out.exists() and not ray.is_initialized()
+def test_embed_checks_inputs_before_starting_ray(embed_refusals) -> None:
+    root, results = embed_refusals
+    result = results["missing-input"]
+    assert result["code"] == 2
+    assert "does not exist" in result["err"]
+    assert not (root / "out-missing-input").exists() and not result["ray"]
 
 
 def test_predict_unknown_model_is_one_line(capsys) -> None:
@@ -111,10 +143,10 @@ def test_predict_unknown_model_is_one_line(capsys) -> None:
 def test_embed_progress_is_one_plain_line(caplog) -> None:
     import logging
 
-    from jobs.embed import Progress
+    from pipeline.embed_job import Progress
 
     progress = Progress(done_before=7, every_s=0.0)
-    with caplog.at_level(logging.INFO, logger="jobs.embed"):
+    with caplog.at_level(logging.INFO, logger="pipeline.embed_job"):
         progress.add(16)
         progress.add(16)
     lines = [r.getMessage() for r in caplog.records]
