@@ -25,7 +25,8 @@ for the pretrained embedder and, with --finetuned, a fine-tuned one (``jobs.trai
 A result is relevant when its folder label equals the query's. Writes ``OUT/results.md`` (the
 table: strategy x mAP@1/3/5, precision@k, recall@k, queries/s, and the best setting per metric),
 ``OUT/results.json`` (with the whole sweep and the worst classes of every strategy), with
---recommend the setting best for --metric (global unless another beats it by --min-gain; the
+--recommend the setting best for --metric (global unless another's gain over global is significant:
+its lower --confidence bound, from a paired bootstrap over the queries, above --min-gain; the
 fine-tuned embedder's when given) as a strategy file
 for ``jobs.build_index --strategy`` and the service, and with --grids PNGs of queries beside their
 top results.
@@ -45,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from jobs.embed import run as run_embedding_job
 from pipeline.datasets import DATASETS, list_labelled_images, write_dataset
+from pipeline.embed_job import run as run_embedding_job
 from pipeline.embed_output import EmbedConfig
 from pipeline.evaluation import (
     EvalConfig,
@@ -164,8 +165,12 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     parser.add_argument("--grids", type=int, default=0, help="write result grids for this many queries")
     parser.add_argument("--worst", type=int, default=5, help="worst classes listed per strategy")
     parser.add_argument("--metric", help="what calibration maximises: mAP@k, P@k or R@k (default: mAP at the largest k)")
-    parser.add_argument("--min-gain", type=float, default=0.005,
-                        help="least gain over global for another strategy to be recommended (default: 0.005)")
+    parser.add_argument("--min-gain", type=float, default=0.0,
+                        help="least gain over global (its lower confidence bound) for another strategy to be "
+                             "recommended (default: 0)")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="confidence of that bound: a paired bootstrap over the queries, simultaneous over "
+                             "the sweep (default: 0.95; 0: the measured gain)")
     parser.add_argument("--recommend", help="write the best strategy for --metric to this file (for "
                                             "jobs.build_index --strategy, jobs.search --strategy, the service)")
     args = parser.parse_args(argv)
@@ -177,7 +182,8 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
                           embedder=args.embedder, finetuned=args.finetuned, detector=args.detector,
                           crop_min_score=args.crop_min_score, top_n=args.top_n, ks=tuple(sorted(set(args.k))),
                           batch_size=args.batch_size, grids=args.grids, worst=args.worst, metric=args.metric,
-                          recommend=args.recommend, min_gain=args.min_gain)
+                          recommend=args.recommend, min_gain=args.min_gain,
+                          confidence=args.confidence)
     except ValueError as exc:
         parser.error(str(exc))
 

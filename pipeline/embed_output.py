@@ -8,8 +8,8 @@
 
 OUT is a local (or shared) folder or an object store URI (``s3://bucket/prefix``,
 :mod:`pipeline.storage`). Re-running into the same folder resumes: ids in committed parts are
-skipped, parts without a record are deleted and done again. The Ray wiring that fills the folder is
-``jobs/embed.py``; everything here runs without Ray.
+skipped, parts without a record are deleted and done again. The Ray job that fills the folder is
+:mod:`pipeline.embed_job`; everything here runs without Ray.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ import pytest
 import ray
 from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, make_class_folders, write_jpeg
 
-from jobs.embed import EmbedConfig, main, parse_args, run
+from jobs.embed import main, parse_args
+from pipeline.embed_job import EmbedConfig, run
 
 pytestmark = [pytest.mark.ray]
 

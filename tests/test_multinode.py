@@ -12,7 +12,7 @@ import ray
 import requests
 from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, free_port, make_class_folders
 
-from jobs.embed import EmbedConfig, run
+from pipeline.embed_job import EmbedConfig, run
 from pipeline.index import IndexConfig, build_index
 from pipeline.search import QueryEngine
 

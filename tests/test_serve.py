@@ -17,7 +17,7 @@ import torch
 from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, free_port, make_class_folders
 from PIL import Image
 
-from jobs.embed import EmbedConfig, run
+from pipeline.embed_job import EmbedConfig, run
 from pipeline.datasets import sample_photos
 from pipeline.images import ImageDecodeError
 from pipeline.index import IndexConfig, build_index
