@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIP_SPEC
+from helpers import TINY_CLIP_SPEC
 from PIL import Image
 
 from pipeline.device_decode import decode_batch, prepare_batch, resize_on_device

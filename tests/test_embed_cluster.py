@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from conftest import TINY_CLASSIFIER, assert_same_ranking, free_port, make_class_folders
+from helpers import TINY_CLASSIFIER, assert_same_ranking, free_port, make_class_folders
 
 from jobs.build_index import main as build_index_main
 from pipeline.embed_job import EmbedConfig, run

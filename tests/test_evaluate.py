@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders
+from helpers import TINY_CLASSIFIER, TINY_CLIP_SPEC, make_class_folders
 from PIL import Image
 
 from jobs.evaluate import main as evaluate_main

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_same_ranking
+from helpers import assert_same_ranking
 from PIL import Image
 
 from pipeline.batch import WriteParts

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking
+from helpers import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking
 
 from pipeline.datasets import sample_photos
 from pipeline.images import load_image, resize_image

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import requests
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, free_port, make_class_folders
+from helpers import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, free_port, make_class_folders
 
 from pipeline.embed_job import EmbedConfig, run
 from pipeline.index import IndexConfig, build_index

@@ -4,7 +4,7 @@ flipped near-tie and refuses a real disagreement."""
 from __future__ import annotations
 
 import pytest
-from conftest import assert_same_ranking
+from helpers import assert_same_ranking
 
 
 def test_equal_rankings_and_flipped_ties_pass() -> None:

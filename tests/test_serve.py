@@ -14,7 +14,7 @@ import pytest
 import ray
 import requests
 import torch
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, free_port, make_class_folders
+from helpers import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, free_port, make_class_folders
 from PIL import Image
 
 from pipeline.embed_job import EmbedConfig, run

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, make_class_folders, write_jpeg
+from helpers import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, make_class_folders, write_jpeg
 
 from pipeline.batch import DecodeImages, ReadShards, WriteParts, shard_to_row
 from pipeline.model_stages import ClassifyAndEmbed, ModelSettings

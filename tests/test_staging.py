@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking
+from helpers import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking
 
 from pipeline.model_stages import ClassifyAndEmbed, ModelSettings
 from pipeline.staging import Staging

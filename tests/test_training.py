@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLASSIFIER, make_class_folders
+from helpers import TINY_CLASSIFIER, make_class_folders
 
 from jobs.train_embedder import main
 from pipeline.datasets import list_labelled_images

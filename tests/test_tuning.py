@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CLASSIFIER
+from helpers import TINY_CLASSIFIER
 
 from pipeline.model_stages import ClassifyAndEmbed, ModelSettings
 from pipeline.tuning import choose_batch_size, model_batch_runner
