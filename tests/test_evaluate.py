@@ -82,11 +82,16 @@ def test_evaluation_end_to_end_with_finetuning_crop_and_grids(tmp_path: Path, ca
     assert len(sweep) > 10 and sweep["global"]["class_searches"] == 0 and sweep["class@1"]["class_searches"] == 6
     for row in first["rows"][:5]:  # the table's rows are the sweep's
         assert row["mAP@5"] == sweep[row["strategy"]]["mAP@5"]
-    # The recommendation is global unless another setting beats it by --min-gain (0.005).
+    # The recommendation is global unless another setting's gain over it is significant (a lower
+    # confidence bound above 0): then the best of those.
     best = calibration["best_per_metric"]["mAP@5"]
     recommended = calibration["recommended"]["name"]
     assert best["value"] == max(row["mAP@5"] for row in sweep.values())
-    assert recommended == (best["strategy"] if best["value"] - sweep["global"]["mAP@5"] >= 0.005 else "global")
+    significant = [row for row in sweep.values() if row["gain_bound"] > 0]
+    top = max((row["mAP@5"] for row in significant), default=None)
+    assert recommended in ({row["strategy"] for row in significant if row["mAP@5"] == top} if significant
+                           else {"global"})
+    assert sweep["global"]["gain_bound"] <= 1e-12 and calibration["confidence"] == 0.95
     split_info = json.loads((out / "split.json").read_text())
     assert len(split_info["queries"]) == 6 and len(split_info["gallery"]) == 12
     assert len(list((out / "gallery").glob("*/*"))) == 12      # the gallery split, for jobs.train_embedder
@@ -105,7 +110,8 @@ def test_evaluation_end_to_end_with_finetuning_crop_and_grids(tmp_path: Path, ca
     capsys.readouterr()
 
     assert evaluate_main([*common, "--finetuned", spec, "--detector", TINY_DETECTOR, "--crop-min-score", "0",
-                          "--grids", "2", "--recommend", str(tmp_path / "strategy.json"), "--min-gain", "-1"]) == 0
+                          "--grids", "2", "--recommend", str(tmp_path / "strategy.json"), "--min-gain", "-1",
+                          "--confidence", "0"]) == 0
     printed = capsys.readouterr().out
     assert "| embedder | crop | strategy | mAP@1 | mAP@3 | mAP@5 |" in printed
     results = json.loads((out / "results.json").read_text())
@@ -115,7 +121,7 @@ def test_evaluation_end_to_end_with_finetuning_crop_and_grids(tmp_path: Path, ca
     assert rows[("pretrained", "off", "global")]["mAP@5"] == first["rows"][0]["mAP@5"]
     assert len(list((out / "runs").iterdir())) == 2
     assert (out / "results.md").read_text().count("\n| finetuned |") == 12 + 6  # the table; best per metric x crop
-    # --recommend: the fine-tuned embedder's best setting (--min-gain -1: whatever is best), as a strategy file.
+    # --recommend: the fine-tuned embedder's best setting (--min-gain -1 --confidence 0: whatever is best), as a strategy file.
     written = json.loads((tmp_path / "strategy.json").read_text())
     finetuned = next(c for c in results["calibration"] if c["embedder"] == "finetuned" and c["crop"] == "off")
     assert written["embedder"] == spec and written["strategy"]["name"] == finetuned["best_per_metric"]["mAP@5"]["strategy"]
