@@ -33,8 +33,8 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.datasets import list_labelled_images
-from pipeline.files import write_json_atomically
-from pipeline.files import check_output_folder
+from pipeline.files import check_output_folder, write_json_atomically
+from pipeline.models import select_runtime
 from pipeline.training import LOSSES, MINING, TrainConfig, train
 
 logger = logging.getLogger("jobs.train_embedder")
@@ -126,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_on_ray(config, paths, labels, args.output, args.num_workers, args.use_gpu,
                                  args.checkpoint_every)
         else:
-            from pipeline.models import select_runtime
-
             runtime = select_runtime(args.device)
 
             def log(metrics: dict) -> None:

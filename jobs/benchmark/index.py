@@ -3,8 +3,8 @@ and measures, all in one run: build time, peak memory and bytes per million vect
 latency (p50/p99) and recall@10 for each head-class threshold and HNSW breadth, against the exact
 class scan; global search QPS and recall@10 against exact search; the float16 vectors' recall
 against float32; and, with ``--compare-autofaiss``, autofaiss's index built on the same vectors.
-``--json FILE`` writes the figures. faiss (an optional dependency the other areas do without) and
-pipeline.index and pipeline.batch are imported only when it runs (neither imports torch).
+``--json FILE`` writes the figures. Nothing here imports torch (the build runs in a child process
+whose memory is measured); autofaiss, optional, is imported only for ``--compare-autofaiss``.
 
 The synthetic gallery follows what real embeddings measure (this project's EfficientNet-Lite0
 features of MNIST, Fashion-MNIST and the demo images, README "Index at scale"):
@@ -25,16 +25,22 @@ features of MNIST, Fashion-MNIST and the demo images, README "Index at scale"):
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
+import json
 import multiprocessing as mp
 import resource
 import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from jobs.benchmark.runner import batch_slices, latency_ms, machine
+from pipeline.batch import WriteParts
 from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.index import IndexConfig, SearchParams, ShardedIndex, build_index
 from pipeline.manifests import EmbeddingManifest, ModelSet
 
 #: Random orientations shared out among the classes (a basis per class would take 1 MB each).
@@ -54,8 +60,6 @@ def _synthetic_gallery(out: Path, rows: int, dim: int, classes: int, seed: int, 
     Returns the generator's state and every vector (float32, in id order) with its class, to
     measure against and to make queries from.
     """
-    from pipeline.batch import WriteParts
-
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, classes + 1)
     weights /= weights.sum()
@@ -116,19 +120,14 @@ def _measured(queue, target, *args) -> None:
 
 
 def _build(emb: str, index_dir: str, config_kwargs: dict, dtype: str) -> None:
-    from pipeline.index import IndexConfig, build_index
-
     build_index(emb, index_dir, IndexConfig(**config_kwargs), dtype)
 
 
 def _build_autofaiss(vectors_dir: str, index_path: str, infos_path: str, memory: str, index_memory: str) -> None:
-    import json
-
-    import faiss
-    from autofaiss import build_index
+    import autofaiss  # lazy: optional (make install-autofaiss), only --compare-autofaiss needs it
 
     # Saved here, not by autofaiss: its own infos file fails on numpy 2 (a float32 in the JSON).
-    index, infos = build_index(embeddings=vectors_dir, save_on_disk=False, metric_type="ip",
+    index, infos = autofaiss.build_index(embeddings=vectors_dir, save_on_disk=False, metric_type="ip",
                                current_memory_available=memory, max_index_memory_usage=index_memory, verbose=40)
     if index is None:
         raise RuntimeError("autofaiss built no index (its log above says why)")
@@ -155,8 +154,6 @@ def _float32_twin(index, vectors: dict[int, np.ndarray]):
     """The same loaded index with float32 vectors (the generated ones, per shard) in place of
     float16: the graphs and codes are built from float32 either way, so this isolates what float16
     storage costs in exact scans and re-scoring."""
-    import copy
-
     twin = copy.copy(index)
     twin._shards = {n: copy.copy(s) for n, s in index._shards.items()}
     for number, shard in twin._shards.items():
@@ -167,8 +164,6 @@ def _float32_twin(index, vectors: dict[int, np.ndarray]):
 def _class_search(index, exact_index, queries, q_cls, thresholds, efs, truth_ids) -> dict:
     """Per query: the exact scan's latency, and for queries of head classes the head index's at
     each breadth; then p50/p99 and recall for every (threshold, breadth) from those measurements."""
-    from pipeline.index import SearchParams
-
     # One untimed pass through each path first: the memory-mapped files' pages are read from
     # disk on first touch, which a replica that has been serving has long done.
     for query, cls in zip(queries, q_cls):
@@ -207,8 +202,6 @@ def _class_search(index, exact_index, queries, q_cls, thresholds, efs, truth_ids
 
 
 def _global_search(index, queries, efs, truth) -> list[dict]:
-    from pipeline.index import SearchParams
-
     rows = []
     index.search_global(queries, k=10, search=SearchParams(ef_search=max(efs)))  # untimed: page the files in
     for ef in efs:
@@ -225,10 +218,6 @@ def _autofaiss(scratch: Path, vectors: np.ndarray, queries: np.ndarray, truth: l
     """autofaiss's index on the same vectors: built in a child process with its defaults and the
     memory budget ``index_memory``, then its search parameter swept to the setting that first
     reaches ``match`` recall@10."""
-    import json
-
-    import faiss
-
     folder = scratch / "autofaiss-input"
     folder.mkdir()
     np.save(folder / "vectors.npy", vectors)
@@ -257,10 +246,6 @@ def _autofaiss(scratch: Path, vectors: np.ndarray, queries: np.ndarray, truth: l
 
 
 def bench_index(args: argparse.Namespace) -> dict:
-    import faiss
-
-    from pipeline.index import ShardedIndex
-
     decay = None if args.isotropic else args.spectrum_decay
     results: dict = {"rows": args.rows, "dim": args.dim, "classes": args.classes, "queries": args.queries,
                      "noise": args.noise, "within_class": "isotropic" if decay is None else f"1/j^{decay}",
@@ -412,17 +397,13 @@ def check_index(args: argparse.Namespace) -> str | None:
         return "--rows, --dim, --classes and --queries must be >= 1"
     if min(args.head_thresholds) < 1 or min(args.ef_search) < 1:
         return "--head-thresholds and --ef-search must be >= 1"
-    if args.compare_autofaiss:
-        try:
-            import autofaiss  # noqa: F401
-        except ImportError:
-            return "--compare-autofaiss needs autofaiss: make install-autofaiss"
+    if args.compare_autofaiss and importlib.util.find_spec("autofaiss") is None:
+        return "--compare-autofaiss needs autofaiss: make install-autofaiss"
     return None
 
 
-def add_arguments(subparsers) -> argparse.ArgumentParser:
-    """Registers ``index`` with the runner's subcommands."""
-    index = subparsers.add_parser("index", help="index build, class-restricted latency, global QPS and recall")
+def add_arguments(index: argparse.ArgumentParser) -> None:
+    """Adds ``index``'s arguments and functions to its subcommand parser (``jobs.benchmark.cli``)."""
     index.set_defaults(check=check_index, bench=bench_index, report=print_index)
     index.add_argument("--rows", type=int, default=1_000_000)
     index.add_argument("--dim", type=int, default=512)
@@ -452,4 +433,3 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                        help="autofaiss's max_index_memory_usage (default: the bytes of our index, e.g. 1500M)")
     index.add_argument("--seed", type=int, default=0)
     index.add_argument("--scratch", help="folder for the temporary gallery and index (default: system temp)")
-    return index

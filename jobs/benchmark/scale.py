@@ -30,8 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from jobs.benchmark.runner import machine
+from pipeline.embed_output import committed, done_ids
+from pipeline.sources import discover_shards
+from pipeline.storage import Location
 
 #: A tiny timm model with random weights: the model costs next to nothing, the orchestration shows.
 NEAR_FREE_MODEL = "timm:test_efficientnet@random"
@@ -40,8 +44,6 @@ NEAR_FREE_MODEL = "timm:test_efficientnet@random"
 def make_input(root: Path, classes: int, per_class: int, size: int = 48, seed: int = 0) -> dict:
     """``classes`` tars of ``per_class`` JPEGs each (64 distinct images, reused), written once;
     returns their shape. A folder of the same shape is reused."""
-    from PIL import Image
-
     shape = {"classes": classes, "per_class": per_class, "size": size}
     stamp = root / "_shape.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == shape:
@@ -79,8 +81,6 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 def run_job(args: argparse.Namespace, output: str, log: Path) -> dict:
     """One ``python -m jobs.embed`` run: wall time, driver peak RSS, and its summary.json."""
-    from pipeline.storage import Location
-
     command = [sys.executable, "-m", "jobs.embed", "--input", str(args.work / "input"), "--output", output,
                "--classifier", args.model, "--embedder", args.model, "--batch-size", str(args.batch_size),
                "--decode-batch-size", str(args.decode_batch_size)]
@@ -103,10 +103,6 @@ def run_job(args: argparse.Namespace, output: str, log: Path) -> dict:
 
 
 def bench_scale(args: argparse.Namespace) -> dict:
-    from pipeline.embed_output import committed, done_ids
-    from pipeline.sources import discover_shards
-    from pipeline.storage import Location
-
     args.work.mkdir(parents=True, exist_ok=True)
     shape = make_input(args.work / "input", args.classes, args.per_class)
     images = args.classes * args.per_class
@@ -162,9 +158,8 @@ def check_scale(args: argparse.Namespace) -> str | None:
     return None
 
 
-def add_arguments(subparsers) -> argparse.ArgumentParser:
-    """Registers ``scale`` with the runner's subcommands."""
-    scale = subparsers.add_parser("scale", help="the embedding job on an ImageNet-22k-shaped input (21,841 tars)")
+def add_arguments(scale: argparse.ArgumentParser) -> None:
+    """Adds ``scale``'s arguments and functions to its subcommand parser (``jobs.benchmark.cli``)."""
     scale.set_defaults(check=check_scale, bench=bench_scale, report=report_scale)
     scale.add_argument("--classes", type=int, default=21_841, help="class tars (default: 21841, as ImageNet-22k)")
     scale.add_argument("--per-class", type=int, default=3, help="JPEGs per tar (default: 3)")
@@ -175,4 +170,3 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     scale.add_argument("--model", default=NEAR_FREE_MODEL, help=f"classifier and embedder (default: {NEAR_FREE_MODEL})")
     scale.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
     scale.add_argument("--decode-batch-size", type=int, default=32, help="images per decode task (default: 32)")
-    return scale

@@ -1,7 +1,6 @@
 """``serve``: the Ray Serve graph under a bounded closed-loop load on 127.0.0.1, against the same
 query path called in one process; batching on and off, optionally uploads decoded on the model
 device, then a soak with a Classifier replica killed and the model deployments autoscaling.
-ray, Ray Serve, requests and the models are imported only when this area runs.
 """
 
 from __future__ import annotations
@@ -12,7 +11,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import ray
+import requests
+from ray import serve
+
 from jobs.benchmark.runner import free_port, latency_ms, machine
+from pipeline.models import select_runtime
+from pipeline.search import QueryEngine
+from serve.app import build_app
 
 
 def _closed_loop(call, concurrency: int, requests_total: int, seconds: float = float("inf"),
@@ -48,8 +54,6 @@ def _closed_loop(call, concurrency: int, requests_total: int, seconds: float = f
 def _load(url: str, payloads: list[bytes], concurrency: int, requests_total: int, seconds: float,
           params: dict | None = None) -> dict:
     """A bounded closed-loop load on one URL: at most ``requests_total`` requests or ``seconds``."""
-    import requests
-
     sessions = threading.local()  # one HTTP session per load thread
 
     def post(i: int) -> str | None:
@@ -73,21 +77,12 @@ def _direct(engine, payloads: list[bytes], concurrency: int, requests_total: int
 
 
 def _replicas(app: str = "lookalike") -> dict[str, int]:
-    from ray import serve
-
     status = serve.status().applications[app].deployments
     return {name: sum(d.replica_states.values()) if d.replica_states else 0 for name, d in status.items()}
 
 
 def bench_serve(args: argparse.Namespace) -> dict:
     """Graph vs direct calls, batching on vs off, a soak with a replica killed, autoscaling."""
-    import ray
-    from ray import serve
-
-    from pipeline.models import select_runtime
-    from pipeline.search import QueryEngine
-    from serve.app import build_app
-
     payloads = [p.read_bytes() for p in sorted(Path(args.images).glob("*")) if p.is_file()][: args.payloads]
     payloads += [p.read_bytes() for p in sorted(Path(args.images).rglob("*.png"))[: max(0, args.payloads - len(payloads))]]
     results: dict = {"index": args.index, "machine": machine(), "payloads": len(payloads)}
@@ -148,8 +143,6 @@ def bench_serve(args: argparse.Namespace) -> dict:
 
 def _autoscaling_app(args: argparse.Namespace):
     """The demo app with autoscaling model deployments (serve/config.yaml sets them the same way)."""
-    from serve.app import build_app
-
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
                "upscale_delay_s": 2, "downscale_delay_s": 10}
     return build_app({"index": args.index, "max_batch_size": args.max_batch_size, "model_autoscaling": scaling})
@@ -174,9 +167,8 @@ def print_serve(results: dict) -> None:
           f"after cool-down {results['replicas_after_cooldown']}")
 
 
-def add_arguments(subparsers) -> argparse.ArgumentParser:
-    """Registers ``serve`` with the runner's subcommands."""
-    srv = subparsers.add_parser("serve", help="the Ray Serve graph under a bounded loopback load")
+def add_arguments(srv: argparse.ArgumentParser) -> None:
+    """Adds ``serve``'s arguments and functions to its subcommand parser (``jobs.benchmark.cli``)."""
     srv.set_defaults(check=lambda _args: None, bench=bench_serve, report=lambda results, _args: print_serve(results))
     srv.add_argument("--index", required=True, help="index folder (e.g. out/demo-index from make demo)")
     srv.add_argument("--images", required=True, help="folder of query images (e.g. out/demo-data)")
@@ -188,4 +180,3 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-size", type=int, default=16)
     srv.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "device"],
                      help="also measure the graph with uploads decoded on the model device (--decode cpu device)")
-    return srv

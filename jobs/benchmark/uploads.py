@@ -6,7 +6,6 @@ sends ``--concurrent`` uploads at once of a ``--side`` x ``--side`` PNG (flat co
 is small and only decoding is costly), twice: with the default ``decode_pixel_budget`` and with a
 budget too large to bind. It polls the replica's resident memory every 0.05 s and reports the
 rise over its idle size, the answers' statuses and the burst's wall time.
-ray, Ray Serve and requests are imported only when this area runs.
 """
 
 from __future__ import annotations
@@ -18,7 +17,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import ray
+import requests
+from PIL import Image
+from ray import serve
+
 from jobs.benchmark.runner import free_port, machine
+from serve.app import AppConfig, build_app
 
 UNBOUNDED = 10**15
 
@@ -44,17 +50,12 @@ def _rss_mb(pid: int) -> float:
 
 
 def _png(side: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
     out = io.BytesIO()
     Image.fromarray(np.full((side, side, 3), (120, 90, 60), np.uint8)).save(out, "PNG")
     return out.getvalue()
 
 
 def _burst(url: str, pid: int, data: bytes, concurrent: int) -> dict:
-    import requests
-
     idle = _rss_mb(pid)
     peak, done = idle, threading.Event()
 
@@ -81,12 +82,6 @@ def _burst(url: str, pid: int, data: bytes, concurrent: int) -> dict:
 
 
 def bench_uploads(args: argparse.Namespace) -> dict:
-    import ray
-    import requests
-    from ray import serve
-
-    from serve.app import AppConfig, build_app
-
     data = _png(args.side)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -129,12 +124,10 @@ def check_uploads(args: argparse.Namespace) -> str | None:
     return None
 
 
-def add_arguments(subparsers) -> argparse.ArgumentParser:
-    """Registers ``uploads`` with the runner's subcommands."""
-    up = subparsers.add_parser("uploads", help="ingress memory under a burst of large uploads, budget on and off")
+def add_arguments(up: argparse.ArgumentParser) -> None:
+    """Adds ``uploads``'s arguments and functions to its subcommand parser (``jobs.benchmark.cli``)."""
     up.set_defaults(check=check_uploads, bench=bench_uploads, report=report_uploads)
     up.add_argument("--index", default="out/demo-index", help="index folder (default: out/demo-index, from make demo)")
     up.add_argument("--side", type=int, default=7000,
                     help="the PNG's width and height (default: 7000, 49M pixels: under the 50M query limit)")
     up.add_argument("--concurrent", type=int, default=12, help="uploads sent at once (default: 12)")
-    return up

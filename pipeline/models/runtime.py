@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import _dynamo
 
 from pipeline.images import Preprocess
 
@@ -77,8 +78,6 @@ def select_runtime(device: str = "auto", precision: str = "auto", compile: str |
     elif precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     if compile is not None:
-        from torch import _dynamo  # lazy: importing dynamo is slow and only compile needs it
-
         if compile not in _dynamo.list_backends(exclude_tags=()):
             raise ValueError(f"unknown torch.compile backend {compile!r}; e.g. inductor")
     return Runtime(device=device, autocast_dtype=dtype, channels_last=on_gpu, compile=compile)
