@@ -1,6 +1,6 @@
 """The CPU stages of the embedding job as plain callables over ``dict[str, np.ndarray]`` batches.
 
-Ray Data maps them (``jobs/embed.py``); tests call them directly. Each stage adds its busy
+Ray Data maps them (``pipeline/embed_job.py``); tests call them directly. Each stage adds its busy
 seconds per row to a ``*_s`` column so the job can report throughput per stage.
 
     ReadShards  shard descriptions -> id, uri, label, data (bytes), read_error
