@@ -3,11 +3,19 @@
     python -m jobs.build_index --embeddings OUT --output INDEX [--shard-size N]
                                [--global-index auto|flat|hnsw-sq8|ivf|ivfpq|hnsw] [--head-min-rows N]
                                [--vector-dtype float32|float16] [--ef-search N] [--head-ef-search N] [--refine N]
+                               [--classes labels|predicted] [--classifier head:PATH]
                                [--append] [--ray] [--strategy NAME|FILE]
     python -m jobs.build_index --output INDEX --strategy NAME|FILE     # set it on an existing index
 
-Rows are grouped by top-1 predicted class; each class gets a contiguous range inside one shard;
-shards are cut at class boundaries. Classes of at least ``--head-min-rows`` images get their own
+Rows are grouped by class: ``--classes labels``, the gallery's own labels (folder names, synset tar
+names, webdataset .cls; rows without a label, or with one the query classifier does not know, form a
+bucket that only global search reaches), or ``--classes predicted``, the classifier's top-1
+prediction for each image. The default is labels when the rows have labels and at least half of the
+distinct labels are classes of the query classifier (a synset-named gallery with an ImageNet
+classifier, or a head fitted on the gallery), else predicted. ``--classifier head:PATH`` makes a
+classifier head (``jobs.train_classifier``) the index's query classifier: the output is re-keyed
+from its stored vectors, nothing is embedded again. Each class gets a contiguous range inside one
+shard; shards are cut at class boundaries. Classes of at least ``--head-min-rows`` images get their own
 HNSW index for class-restricted search. ``--append`` adds a new embedding output to an existing index,
 rebuilding only the shards whose classes gained images. ``--ray`` builds shards in parallel as
 Ray tasks (for large builds; connects to the cluster under ``ray job submit``). ``--strategy``
@@ -28,6 +36,7 @@ import ray
 from pipeline.files import check_output_folder
 from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, SearchParams, append_index, build_index
 from pipeline.index.faiss_index import HEAD_MIN_ROWS
+from pipeline.index.keying import CLASS_SOURCES, UNLABELLED
 from pipeline.manifests import IndexManifest
 from pipeline.storage import Location
 from pipeline.strategy import Strategy
@@ -70,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"approximate candidates per result, re-scored exactly (default: {defaults.refine})")
     parser.add_argument("--nprobe", type=int, default=defaults.nprobe,
                         help=f"IVF lists visited per query (default: {defaults.nprobe})")
+    parser.add_argument("--classes", choices=CLASS_SOURCES,
+                        help="class partition: labels (the gallery's own) or predicted (the classifier's top-1); "
+                             "default: labels when the rows have labels and at least half of the distinct labels "
+                             "are classes of the query classifier, else predicted")
+    parser.add_argument("--classifier",
+                        help="a classifier head (head:PATH, from jobs.train_classifier) to use as the index's query "
+                             "classifier; re-keys the output from its stored vectors (default: the output's classifier)")
     parser.add_argument("--append", action="store_true", help="add to the existing index at --output")
     parser.add_argument("--ray", action="store_true", help="build shards in parallel as Ray tasks")
     parser.add_argument("--strategy", help="default search strategy: global, class[@N], gated[@N]:TAU, rerank:BETA "
@@ -107,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.append:
+            if args.classes or args.classifier:
+                raise ValueError("--append keys new rows as the index was keyed: drop --classes and --classifier")
             manifest = append_index(args.embeddings, output, mapper=mapper, strategy=strategy)
         else:
             manifest = build_index(args.embeddings, output, config, args.vector_dtype, mapper=mapper,
-                                   strategy=strategy, search=search)
+                                   strategy=strategy, search=search, classes=args.classes,
+                                   classifier=args.classifier)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -121,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                "global_index": kinds, "head_indexes": heads, "seconds": round(seconds, 2)}
     (output / "build_summary.json").write_json(summary)
     default = (manifest.strategy or {}).get("name", "global")
+    keyed = manifest.class_source or {"source": "predicted"}
+    if keyed["source"] == "labels":
+        unknown = keyed.get("gallery_labels_unknown") or []
+        print(f"classes: the gallery's labels ({keyed['gallery_labels_known']} of them are classes of "
+              f"{keyed['label_space']}{'; not: ' + ', '.join(unknown[:5]) if unknown else ''}); "
+              f"{manifest.class_size(UNLABELLED)} images in the unlabelled bucket (global search only)")
+    else:
+        print(f"classes: the top-1 prediction of {manifest.models.spec('classifier')}")
     print(f"index {output}: {summary['rows']} images, {summary['classes']} classes, "
           f"{summary['shards']} shards ({', '.join(kinds)}), {heads} head-class indexes, built in {seconds:.1f} s; default strategy {default}")
     return 0

@@ -27,6 +27,7 @@ from pipeline.models import (
     DEFAULT_CLASSIFIER,
     DEFAULT_EMBEDDER,
     as_spec,
+    head_for,
     load_classifier,
     load_embedder,
     locate_weights,
@@ -102,7 +103,9 @@ class EmbedConfig:
             raise ValueError(f"--decode must be cpu or device, got {self.decode}")
         if self.decode == "device" and self.stages != "fused":
             raise ValueError("--decode device needs --stages fused (decoded images stay on the model's device)")
-        as_spec(self.classifier), as_spec(self.embedder)
+        if as_spec(self.classifier).library == "head" and self.stages != "fused":
+            raise ValueError("a classifier head (head:PATH) runs inside the embedder: use --stages fused")
+        as_spec(self.embedder)
         if self.compile is not None:
             select_runtime("cpu", compile=self.compile)  # checks the backend name before any actor starts
 
@@ -221,10 +224,13 @@ def describe_models(config: EmbedConfig) -> ModelSet:
         locate_weights(spec)
     cls_spec, emb_spec = as_spec(config.classifier), as_spec(config.embedder)
     cpu = select_runtime("cpu")
-    classifier = load_classifier(dataclasses.replace(cls_spec, weights="random"), cpu)
     # A triplet-trained embedder's size and resolution live in its file (small, so load it).
     embedder = load_embedder(emb_spec if trained_embedding_metadata(emb_spec)
                              else dataclasses.replace(emb_spec, weights="random"), cpu)
+    if cls_spec.library == "head":  # small: load it, and check it takes this embedder's vectors
+        classifier = head_for(cls_spec, embedder, embedder_spec=str(emb_spec))
+    else:
+        classifier = load_classifier(dataclasses.replace(cls_spec, weights="random"), cpu)
     return ModelSet(
         classifier={"spec": str(cls_spec), "label_space": classifier.labels.name,
                     "num_classes": len(classifier.labels), "preprocess": dataclasses.asdict(classifier.preprocess)},

@@ -43,6 +43,13 @@ class LabelSpace:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __contains__(self, class_id: object) -> bool:
+        return class_id in self._index
+
+    def get(self, class_id: str, default: int) -> int:
+        """The index of a class id, or ``default`` when it is not in this label space."""
+        return self._index.get(class_id, default)
+
     def id_of(self, index: int) -> str:
         """The class id (synset) at ``index``."""
         return self.ids[index]

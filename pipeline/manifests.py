@@ -27,9 +27,10 @@ from pipeline.storage import Location
 
 #: Version of the embedding row schemas and of their manifest.
 EMBEDDING_SCHEMA_VERSION = 1
-#: Version of the index layout and manifest. 2 records ``max_pixels``; 1 did not (read as the default).
-INDEX_SCHEMA_VERSION = 2
-_READABLE_INDEX_VERSIONS = (1, 2)
+#: Version of the index layout and manifest. 3 records ``class_source``; 2 did not (read as
+#: predicted classes); 1 neither ``max_pixels`` (read as the default).
+INDEX_SCHEMA_VERSION = 3
+_READABLE_INDEX_VERSIONS = (1, 2, 3)
 ROLES = ("classifier", "embedder")
 
 
@@ -201,6 +202,9 @@ class IndexManifest:
             from ``jobs.build_index --strategy``); None: global.
         search: how approximate indexes are searched (``pipeline.index.SearchParams`` fields);
             None: the defaults.
+        class_source: how rows got their class (``pipeline.index.keying.Keying.to_json``):
+            ``source`` (``labels``: the gallery's own labels; ``predicted``: the classifier's top-1),
+            ``label_space`` and ``labels`` (class index -> label id); None: predicted (older indexes).
     """
 
     models: ModelSet
@@ -215,6 +219,7 @@ class IndexManifest:
     metric: str = "inner_product"
     strategy: dict | None = None
     search: dict | None = None
+    class_source: dict | None = None
     created: str = field(default_factory=now)
     schema_version: int = INDEX_SCHEMA_VERSION
 
@@ -251,7 +256,8 @@ class IndexManifest:
                        classes=dict(raw["classes"]), shards=[ShardEntry.from_json(e) for e in raw["shards"]],
                        max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)),
                        metric=raw.get("metric", "inner_product"), strategy=raw.get("strategy"),
-                       search=raw.get("search"), created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)
+                       search=raw.get("search"), class_source=raw.get("class_source"), created=raw["created"],
+                       schema_version=INDEX_SCHEMA_VERSION)
 
 
 @dataclass(frozen=True)

@@ -152,14 +152,14 @@ class ClassifyAndEmbed(ModelStage):
 
     @property
     def shared(self) -> bool:
-        return self.models.shared
+        return self.models.one_input
 
     def stage(self, batch: dict[str, np.ndarray]):
-        # One model reads image_cls for both outputs: copy only that.
+        # One network (shared, or the embedder under a head) reads image_cls for both outputs: copy only that.
         return super().stage(_strip_images(batch, ("image_emb",)) if self.shared else batch)
 
     def compute(self, batch: dict) -> dict[str, np.ndarray]:
-        # Shared: one network reads image_cls for both outputs (image_emb was not even staged).
+        # One input: image_cls serves both outputs (image_emb was not even staged).
         indices, probs, vectors = self.models.classify_and_embed(batch["image_cls"], batch.get("image_emb"),
                                                                  self.top_n)
         out = _strip_images(batch, ("image_cls", "image_emb"))

@@ -1,6 +1,6 @@
 """Helpers the test modules share (``from helpers import ...``; pyproject puts tests/ on the path):
-the tiny model specs, free ports, generated images, ranking comparisons. Fixtures live in
-conftest.py."""
+the tiny model specs, free ports, generated images, ranking comparisons, synthetic embedding
+outputs. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import socket
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.batch import WriteParts
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.manifests import EmbeddingManifest, ModelSet
 
 TINY_CLIP = "lookalike-tiny-clip"  # pipeline/model_configs/lookalike-tiny-clip.json
 TINY_CLASSIFIER = "timm:test_efficientnet@random"
@@ -66,3 +70,44 @@ def assert_same_ranking(got_ids, got_scores, want_ids, want_scores, atol: float 
             f"position {position}: {got} is not in {want_ids} and does not tie with its last score"
         assert abs(theirs - want_scores[position]) <= 2 * atol, \
             f"position {position}: {got} (score {theirs:.6f}) instead of {want} ({want_scores[position]:.6f})"
+
+
+# ---- synthetic embedding outputs (no model runs) ----------------------------------------------
+
+DIM = 16
+PREPROCESS = {"size": [32, 32]}
+MODELS = {"classifier": {"spec": "timm:test_efficientnet@random", "preprocess": PREPROCESS},
+          "embedder": {"spec": "timm:test_efficientnet@random", "dim": DIM, "preprocess": PREPROCESS}}
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def synthetic(n: int, classes: int, seed: int, id_offset: int = 0) -> dict[str, np.ndarray]:
+    """Clustered vectors: each class has a centre, members scatter around it."""
+    rng = np.random.default_rng(seed)
+    centres = unit(np.random.default_rng(99).normal(size=(classes, DIM)))
+    cls = rng.integers(0, classes, n)
+    vectors = unit(centres[cls] + 0.35 * rng.normal(size=(n, DIM)))
+    return {"id": np.arange(id_offset, id_offset + n, dtype=np.int64),
+            "uri": np.array([f"/img/{id_offset + i}.jpg" for i in range(n)], dtype=object),
+            "label": np.array([f"c{c}" for c in cls], dtype=object),
+            "classes": np.stack([cls, (cls + 1) % classes], axis=1).astype(np.int32),
+            "class_probs": np.tile(np.array([[0.9, 0.1]], np.float32), (n, 1)),
+            "embedding": vectors}
+
+
+def write_embeddings(out: Path, data: dict[str, np.ndarray], parts: int = 3,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+    """An embedding-job output folder (parts + manifest) holding ``data``."""
+    writer = WriteParts(out / "embeddings", DIM)
+    entries = []
+    for chunk in np.array_split(np.arange(len(data["id"])), parts):
+        batch = {k: v[chunk] for k, v in data.items()}
+        batch.update(read_s=np.zeros(len(chunk)), decode_s=np.zeros(len(chunk)), model_s=np.zeros(len(chunk)))
+        name = writer(batch)["part"][0]
+        entries.append({"path": f"embeddings/{name}", "rows": len(chunk)})
+    EmbeddingManifest(models=ModelSet(**MODELS), inputs=[], top_n=2, embedding_dtype="float32", max_pixels=max_pixels,
+                      counts={"embedded": len(data["id"])}, parts=entries).write(out)
+    return out

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import assert_same_ranking
+from helpers import DIM, MODELS, assert_same_ranking, synthetic, unit, write_embeddings
 from PIL import Image
 
-from pipeline.batch import WriteParts
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError
+from pipeline.images import ImageDecodeError
 from pipeline.index import (
     IndexConfig,
     IndexIntegrityError,
@@ -25,47 +24,8 @@ from pipeline.index import (
     build_index,
     plan_shards,
 )
-from pipeline.manifests import EmbeddingManifest, IndexManifest, ModelSet
+from pipeline.manifests import IndexManifest
 from pipeline.search import QueryEngine, QueryPreprocess
-
-DIM = 16
-PREPROCESS = {"size": [32, 32]}
-MODELS = {"classifier": {"spec": "timm:test_efficientnet@random", "preprocess": PREPROCESS},
-          "embedder": {"spec": "timm:test_efficientnet@random", "dim": DIM, "preprocess": PREPROCESS}}
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def synthetic(n: int, classes: int, seed: int, id_offset: int = 0) -> dict[str, np.ndarray]:
-    """Clustered vectors: each class has a centre, members scatter around it."""
-    rng = np.random.default_rng(seed)
-    centres = unit(np.random.default_rng(99).normal(size=(classes, DIM)))
-    cls = rng.integers(0, classes, n)
-    vectors = unit(centres[cls] + 0.35 * rng.normal(size=(n, DIM)))
-    return {"id": np.arange(id_offset, id_offset + n, dtype=np.int64),
-            "uri": np.array([f"/img/{id_offset + i}.jpg" for i in range(n)], dtype=object),
-            "label": np.array([f"c{c}" for c in cls], dtype=object),
-            "classes": np.stack([cls, (cls + 1) % classes], axis=1).astype(np.int32),
-            "class_probs": np.tile(np.array([[0.9, 0.1]], np.float32), (n, 1)),
-            "embedding": vectors}
-
-
-def write_embeddings(out: Path, data: dict[str, np.ndarray], parts: int = 3,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
-    """An embedding-job output folder (parts + manifest) holding ``data``."""
-    writer = WriteParts(out / "embeddings", DIM)
-    entries = []
-    for chunk in np.array_split(np.arange(len(data["id"])), parts):
-        batch = {k: v[chunk] for k, v in data.items()}
-        batch.update(read_s=np.zeros(len(chunk)), decode_s=np.zeros(len(chunk)), model_s=np.zeros(len(chunk)))
-        name = writer(batch)["part"][0]
-        entries.append({"path": f"embeddings/{name}", "rows": len(chunk)})
-    EmbeddingManifest(models=ModelSet(**MODELS), inputs=[], top_n=2, embedding_dtype="float32", max_pixels=max_pixels,
-                      counts={"embedded": len(data["id"])}, parts=entries).write(out)
-    return out
-
 
 def brute_force(data: dict[str, np.ndarray], queries: np.ndarray, k: int,
                 allowed=None) -> list[tuple[list[int], list[float]]]:

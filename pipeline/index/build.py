@@ -1,7 +1,8 @@
 """Building an index from an embedding job's output, and appending a new output to it.
 
-Rows are sorted by top-1 predicted class and cut into shards of whole classes; each shard gets its
-vectors, its rows and a FAISS index for global search. One streaming pass writes each row to its
+Rows are sorted by class (their own label or their top-1 predicted class: :mod:`pipeline.index.keying`)
+and cut into shards of whole classes; each shard gets its vectors, its rows and a FAISS index for
+global search. One streaming pass writes each row to its
 shard's bucket, so memory holds one part at a time, never the whole gallery.
 """
 
@@ -18,12 +19,12 @@ from typing import Iterable
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
+from pipeline.index.keying import UNLABELLED, Keying, resolve_keying
 from pipeline.index.faiss_index import IndexConfig, SearchParams, build_faiss_index, choose_index_type, head_file
-from pipeline.manifests import EmbeddingManifest, IndexManifest, ShardEntry
+from pipeline.manifests import EmbeddingManifest, IndexManifest, ModelSet, ShardEntry
 from pipeline.storage import Location
 
 ROW_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
@@ -80,7 +81,7 @@ def write_shard(directory: Location, rows: pa.Table, vectors: np.ndarray, config
     kind = choose_index_type(len(vectors), config)
     faiss.write_index(build_faiss_index(vectors, kind, config), str(tmp / "index.faiss"))
     ranges = class_ranges(rows.column("class").to_numpy())
-    heads = [cls for cls, (start, end) in ranges.items()
+    heads = [cls for cls, (start, end) in ranges.items() if cls != UNLABELLED
              if config.head_min_rows is not None and end - start >= config.head_min_rows]
     for cls in heads:
         start, end = ranges[cls]
@@ -119,22 +120,12 @@ def _read_embedding_parts(parts: Iterable[Location], columns: list[str]) -> Iter
 
 
 def _rows_and_vectors(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """Embedding-job rows -> index rows (top-1 class) and float32 vectors."""
-    classes = table.column("classes").combine_chunks()
-    probs = table.column("class_probs").combine_chunks()
-    top = pc_first(classes).cast(pa.int32())
-    top_prob = pc_first(probs).cast(pa.float32())
-    rows = pa.table({"id": table.column("id"), "uri": table.column("uri"), "label": table.column("label"),
-                     "class": top, "class_prob": top_prob}, schema=ROW_SCHEMA)
+    """Bucket rows (keyed: ``class``, ``class_prob``) -> index rows and float32 vectors."""
+    rows = pa.table({name: table.column(name) for name in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
     vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
     return rows, vectors
-
-
-def pc_first(lists: pa.Array) -> pa.Array:
-    """The first element of each list (a list array with no empty lists)."""
-    return pc.list_element(lists, 0)
 
 
 def _sort_shard(rows: pa.Table, vectors: np.ndarray) -> tuple[pa.Table, np.ndarray]:
@@ -159,22 +150,22 @@ def embedding_parts(embeddings_dir: Location) -> tuple[list[Location], Embedding
     return parts, manifest
 
 
-def count_classes(parts: list[Location], skip_ids: np.ndarray | None = None) -> dict[int, int]:
-    """Rows per top-1 class over the parts (reads only the id and classes columns)."""
+def count_classes(parts: list[Location], keying: Keying, skip_ids: np.ndarray | None = None) -> dict[int, int]:
+    """Rows per class over the parts (reads only the id column and what ``keying`` needs)."""
     skip = np.sort(skip_ids) if skip_ids is not None else np.zeros(0, np.int64)
     counts: dict[int, int] = {}
-    for table in _read_embedding_parts(parts, ["id", "classes"]):
+    for table in _read_embedding_parts(parts, ["id", *keying.columns]):
         keep = _not_in(table.column("id").to_numpy(), skip)
-        top = pc_first(table.column("classes").combine_chunks()).to_numpy(zero_copy_only=False)[keep]
+        top = keying.classes(table)[0][keep]
         for cls, n in zip(*np.unique(top, return_counts=True)):
             counts[int(cls)] = counts.get(int(cls), 0) + int(n)
     return counts
 
 
-def write_buckets(parts: list[Location], scratch: Location, shard_of: dict[int, int],
+def write_buckets(parts: list[Location], scratch: Location, shard_of: dict[int, int], keying: Keying,
                   skip_ids: np.ndarray | None = None) -> tuple[dict[int, Location], int]:
-    """One streaming pass: each row goes to its shard's bucket file. Memory holds one part at a
-    time, never the whole gallery.
+    """One streaming pass: each row, keyed (``class``, ``class_prob``), goes to its shard's bucket
+    file. Memory holds one part at a time, never the whole gallery.
 
     Returns:
         ``({shard: bucket file}, dim)``.
@@ -184,10 +175,13 @@ def write_buckets(parts: list[Location], scratch: Location, shard_of: dict[int, 
     writers: dict[int, pq.ParquetWriter] = {}
     buckets: dict[int, Location] = {}
     dim = 0
-    for table in _read_embedding_parts(parts, ["id", "uri", "label", "classes", "class_probs", "embedding"]):
+    columns = list(dict.fromkeys(["id", "uri", "label", "embedding", *keying.columns]))
+    for table in _read_embedding_parts(parts, columns):
         dim = table.schema.field("embedding").type.list_size
         table = table.filter(pa.array(_not_in(table.column("id").to_numpy(), skip)))
-        top = pc_first(table.column("classes").combine_chunks()).to_numpy(zero_copy_only=False)
+        top, prob = keying.classes(table)
+        table = table.select(["id", "uri", "label", "embedding"]).append_column(
+            "class", pa.array(top, pa.int32())).append_column("class_prob", pa.array(prob, pa.float32()))
         targets = np.array([shard_of[int(c)] for c in top], dtype=np.int64)
         for s in np.unique(targets):
             s = int(s)
@@ -224,20 +218,21 @@ def build_shard_from_bucket(bucket: Location, directory: Location, config: Index
 
 
 def write_index_manifest(index_dir: Location, shards: list[tuple[ShardEntry, dict[int, list[int]]]],
-                         source: EmbeddingManifest | IndexManifest, config: IndexConfig, dim: int, dtype: str,
-                         sources: list[str], strategy: dict | None = None,
+                         models: ModelSet, max_pixels: int, keying: Keying, config: IndexConfig, dim: int,
+                         dtype: str, sources: list[str], strategy: dict | None = None,
                          search: SearchParams | None = None) -> IndexManifest:
     """Writes the index ``manifest.json``: the shards (each with where its classes lie), the models
-    and decode limit of ``source`` (the embedding output, or the index being appended to), the
-    default search strategy and the search parameters."""
+    and decode limit of the gallery (queries go through the same), how rows were keyed, the default
+    search strategy and the search parameters."""
     class_map = {}
     for number, (_, ranges) in enumerate(shards):
         for cls, (start, end) in ranges.items():
             class_map[str(cls)] = [number, start, end]
     manifest = IndexManifest(
-        models=source.models, dim=dim, vector_dtype=dtype, config=dataclasses.asdict(config), sources=sources,
-        rows=sum(entry.rows for entry, _ in shards), classes=class_map, max_pixels=source.max_pixels,
-        strategy=strategy, search=(search or SearchParams()).to_json(), shards=[entry for entry, _ in shards])
+        models=models, dim=dim, vector_dtype=dtype, config=dataclasses.asdict(config), sources=sources,
+        rows=sum(entry.rows for entry, _ in shards), classes=class_map, max_pixels=max_pixels,
+        strategy=strategy, search=(search or SearchParams()).to_json(), shards=[entry for entry, _ in shards],
+        class_source=keying.to_json())
     manifest.write(index_dir)
     return manifest
 
@@ -252,7 +247,8 @@ def _shard_jobs_map(jobs: list[tuple], mapper) -> list[tuple[ShardEntry, dict[in
 
 def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, config: IndexConfig = IndexConfig(),
                 dtype: str = "float32", mapper=map, strategy: dict | None = None,
-                search: SearchParams | None = None) -> IndexManifest:
+                search: SearchParams | None = None, classes: str | None = None,
+                classifier: str | None = None) -> IndexManifest:
     """Builds a class-sharded index from an embedding job's output.
 
     Args:
@@ -263,12 +259,17 @@ def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | L
         mapper: ``map``-like callable running the per-shard builds (e.g. in parallel on Ray).
         strategy: the default search strategy (``Strategy.to_json()``) recorded in the manifest.
         search: the search parameters recorded in the manifest (default: ``SearchParams()``).
+        classes: the class partition, ``labels`` or ``predicted`` (None: the rule of
+            :func:`pipeline.index.keying.resolve_keying`).
+        classifier: a classifier head (``head:PATH``) that becomes the query classifier (re-keys the
+            output from its stored vectors); None: the output's classifier.
 
     Returns:
         the index manifest.
 
     Raises:
         FileExistsError: ``index_dir`` already holds an index (append to it, or pick a new folder).
+        ValueError: a class partition the classifier cannot serve (see ``resolve_keying``).
     """
     embeddings_dir, index_dir = Location(embeddings_dir), Location(index_dir)
     if (index_dir / "manifest.json").is_file():
@@ -276,19 +277,20 @@ def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | L
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     parts, source = embedding_parts(embeddings_dir)
-    counts = count_classes(parts)
+    keying, models = resolve_keying(source.models, parts, classes, classifier)
+    counts = count_classes(parts, keying)
     shards = plan_shards(counts, config.shard_size)
-    shard_of = {cls: s for s, classes in enumerate(shards) for cls in classes}
+    shard_of = {cls: s for s, members in enumerate(shards) for cls in members}
     scratch = index_dir / ".build-tmp"
     try:
-        buckets, dim = write_buckets(parts, scratch, shard_of)
+        buckets, dim = write_buckets(parts, scratch, shard_of, keying)
         dim = dim or source.dim
         jobs = [(buckets[s], _shard_dir(index_dir, s), config, dtype) for s in range(len(shards))]
         entries = _shard_jobs_map(jobs, mapper)
     finally:
         scratch.delete_tree()
-    return write_index_manifest(index_dir, entries, source, config, dim, dtype, [str(embeddings_dir)],
-                                strategy, search)
+    return write_index_manifest(index_dir, entries, models, source.max_pixels, keying, config, dim, dtype,
+                                [str(embeddings_dir)], strategy, search)
 
 
 def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, mapper=map,
@@ -300,6 +302,9 @@ def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | 
     shards. The result answers searches exactly as an index built from both outputs at once. The
     index keeps its default search strategy unless ``strategy`` is given.
 
+    The new rows are keyed as the index's were: by their labels, or by the index's classifier (a
+    head re-keys them from their vectors when the output was classified by another model).
+
     Raises:
         FileNotFoundError: no index at ``index_dir``.
         ValueError: the new embeddings were made with other models.
@@ -307,7 +312,13 @@ def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | 
     embeddings_dir, index_dir = Location(embeddings_dir), Location(index_dir)
     old = IndexManifest.read(index_dir)
     parts, source = embedding_parts(embeddings_dir)
-    old.models.require(source.models.specs(), f"the index {index_dir} (appending {embeddings_dir})")
+    what = f"the index {index_dir} (appending {embeddings_dir})"
+    old.models.require({"embedder": source.models.spec("embedder")}, what)
+    index_classifier = old.models.spec("classifier")
+    if not index_classifier.startswith("head:"):
+        old.models.require({"classifier": source.models.spec("classifier")}, what)
+    keying, _ = resolve_keying(source.models, parts, old.class_source["source"] if old.class_source else "predicted",
+                               index_classifier, require_labels=False)
     if source.max_pixels != old.max_pixels:
         raise ValueError(f"{embeddings_dir} was decoded with max_pixels {source.max_pixels}, the index "
                          f"{index_dir} with {old.max_pixels}; re-run the embedding job with --max-pixels "
@@ -315,16 +326,16 @@ def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | 
     config = IndexConfig(**old.config)
     known_ids = np.sort(np.concatenate([(index_dir / s.path / "rows.parquet").read_parquet(["id"])
                                         ["id"].to_numpy() for s in old.shards] or [np.zeros(0, np.int64)]))
-    counts = count_classes(parts, known_ids)
+    counts = count_classes(parts, keying, known_ids)
     old_map = {int(c): v for c, v in old.classes.items()}
     shard_of = {cls: old_map[cls][0] for cls in counts if cls in old_map}
     new_classes = {cls: n for cls, n in counts.items() if cls not in old_map}
     first_new = len(old.shards)
-    for offset, classes in enumerate(plan_shards(new_classes, config.shard_size)):
-        shard_of.update({cls: first_new + offset for cls in classes})
+    for offset, members in enumerate(plan_shards(new_classes, config.shard_size)):
+        shard_of.update({cls: first_new + offset for cls in members})
     scratch = index_dir / ".append-tmp"
     try:
-        buckets, _ = write_buckets(parts, scratch, shard_of, known_ids)
+        buckets, _ = write_buckets(parts, scratch, shard_of, keying, known_ids)
         jobs = [(bucket, _shard_dir(index_dir, s), config, old.vector_dtype,
                  _shard_dir(index_dir, s) if s < first_new else None) for s, bucket in sorted(buckets.items())]
         rebuilt = dict(zip(sorted(buckets), _shard_jobs_map(jobs, mapper)))
@@ -336,6 +347,6 @@ def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | 
             entries.append(rebuilt[number])
         else:
             entries.append((old.shards[number], {c: [v[1], v[2]] for c, v in old_map.items() if v[0] == number}))
-    return write_index_manifest(index_dir, entries, old, config, old.dim, old.vector_dtype,
-                                old.sources + [str(embeddings_dir)],
+    return write_index_manifest(index_dir, entries, old.models, old.max_pixels, keying, config, old.dim,
+                                old.vector_dtype, old.sources + [str(embeddings_dir)],
                                 old.strategy if strategy is None else strategy, SearchParams.from_json(old.search))

@@ -31,6 +31,8 @@ def require_known(spec: str | ModelSpec) -> ModelSpec:
         ValueError: an unknown library or model name (with the closest known names).
     """
     spec = as_spec(spec)
+    if spec.library == "head":  # a file: pipeline.models.head checks it when loading
+        return spec
     if spec.library == "timm":
         if timm.is_model(spec.name):
             return spec

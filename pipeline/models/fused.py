@@ -1,5 +1,6 @@
 """Classify and embed the same images together: one forward pass for both outputs when the
-classifier and the embedder are the same timm model, else the two models one after the other."""
+classifier and the embedder are the same timm model; with a classifier head (``head:PATH``) the
+embedder's forward pass and the head over its vectors; else the two models one after the other."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from pipeline.images import Preprocess
 from pipeline.models.classifier import Classifier, load_classifier
 from pipeline.models.embedder import Embedder, load_embedder, pooled_dim
+from pipeline.models.head import ClassHead, load_head
 from pipeline.models.runtime import Runtime, select_runtime, to_model_input
 from pipeline.models.spec import ModelSpec, as_spec
 
@@ -40,9 +42,19 @@ class ImageModels:
             both outputs (half the compute of two passes).
     """
 
-    classifier: Classifier
+    classifier: Classifier | ClassHead
     embedder: Embedder
     shared: bool = False
+
+    @property
+    def head(self) -> bool:
+        """The classifier is a head over the embedder's vectors (one network, one input)."""
+        return isinstance(self.classifier, ClassHead)
+
+    @property
+    def one_input(self) -> bool:
+        """Both outputs come from the images at ``inputs["cls"]`` (``image_emb`` is not read)."""
+        return self.shared or self.head
 
     def __post_init__(self) -> None:
         if self.shared and (self.classifier.spec != self.embedder.spec or self.classifier.spec.library != "timm"):
@@ -66,8 +78,8 @@ class ImageModels:
         Args:
             images_cls: ``uint8`` batch (N, H, W, 3) at ``inputs["cls"].size``: a numpy array, or a
                 tensor already on the device (:mod:`pipeline.device_decode`).
-            images_emb: the same images at ``inputs["emb"].size``. Not read when ``shared`` (both
-                inputs are the same; None is accepted then).
+            images_emb: the same images at ``inputs["emb"].size``. Not needed when ``one_input``
+                (both inputs are the same; None is accepted then).
             top_n: how many classes to return per image.
 
         Returns:
@@ -77,6 +89,9 @@ class ImageModels:
         Raises:
             ValueError: ``top_n`` below 1, images at the wrong size, or no ``images_emb`` for two models.
         """
+        if self.head:
+            vectors = self.embedder.embed_images(images_cls if images_emb is None else images_emb)
+            return (*self.classifier.classify_vectors(vectors, top_n), vectors)
         if not self.shared:
             if images_emb is None:
                 raise ValueError("images_emb is needed: the classifier and the embedder are different models")
@@ -101,7 +116,8 @@ def load_image_models(classifier_spec: str | ModelSpec, embedder_spec: str | Mod
     timm model.
 
     Args:
-        classifier_spec: a ``timm:`` classifier spec (see :func:`load_classifier`).
+        classifier_spec: a ``timm:`` classifier spec (see :func:`load_classifier`), or a head
+            (``head:PATH``) fitted on this embedder's vectors.
         embedder_spec: an embedder spec (see :func:`load_embedder`).
         runtime: device and precision of both; :func:`select_runtime` by default.
 
@@ -111,9 +127,34 @@ def load_image_models(classifier_spec: str | ModelSpec, embedder_spec: str | Mod
     """
     classifier_spec, embedder_spec = as_spec(classifier_spec), as_spec(embedder_spec)
     runtime = runtime or select_runtime()
+    if classifier_spec.library == "head":
+        embedder = load_embedder(embedder_spec, runtime)
+        return ImageModels(head_for(classifier_spec, embedder), embedder)
     classifier = load_classifier(classifier_spec, runtime)
     if classifier_spec == embedder_spec and classifier_spec.library == "timm":
         view = _PreLogits(classifier.model).eval()
         embedder = Embedder(view, classifier_spec, classifier.preprocess, pooled_dim(classifier.model), runtime)
         return ImageModels(classifier, embedder, shared=True)
     return ImageModels(classifier, load_embedder(embedder_spec, runtime), shared=False)
+
+
+def head_for(spec: str | ModelSpec, embedder: Embedder, embedder_spec: str | None = None) -> ClassHead:
+    """Loads a classifier head for an embedder: it takes the embedder's images and vectors.
+
+    Args:
+        spec: ``head:PATH``.
+        embedder: the embedder.
+        embedder_spec: the embedder's spec when ``embedder`` stands in for it (random weights).
+
+    Raises:
+        ValueError: the head was fitted on another embedder's vectors.
+        FileNotFoundError: no head file.
+    """
+    head = load_head(spec, embedder.runtime)
+    expected = embedder_spec or str(embedder.spec)
+    if head.embedder != expected or head.dim != embedder.dim:
+        raise ValueError(f"{head.spec} was fitted on the vectors of {head.embedder} ({head.dim}-d), not of "
+                         f"{expected} ({embedder.dim}-d); fit a head on an output of this embedder "
+                         f"(python -m jobs.train_classifier)")
+    head.preprocess = embedder.preprocess
+    return head

@@ -9,6 +9,8 @@ A model is named by a spec string (see :class:`ModelSpec`)::
     torchvision:fasterrcnn_mobilenet_v3_large_320_fpn     a detector
     timm:test_efficientnet@random                         random weights, seeded (tests only)
     timm:vit_base_patch16_224@hub                         allow a download from the hub
+    head:out/head.safetensors                             a classifier head over the embedder's
+                                                          vectors (jobs.train_classifier)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-LIBRARIES = ("timm", "open_clip", "torchvision")
+LIBRARIES = ("timm", "open_clip", "torchvision", "head")
 #: ``format`` metadata of the safetensors files that pipeline.training writes (a timm model whose
 #: head is an embedding).
 EMBEDDING_FORMAT = "lookalike-embedding"
@@ -32,7 +34,8 @@ class ModelSpec:
     """A parsed model spec string ``library:name[/tag][@weights]``.
 
     Attributes:
-        library: ``timm``, ``open_clip`` or ``torchvision``.
+        library: ``timm``, ``open_clip``, ``torchvision`` or ``head`` (``head:PATH``: name ``head``,
+            weights the head file).
         name: the model name in that library (for open_clip, the architecture).
         tag: open_clip's pretrained tag (e.g. ``laion2b_s34b_b79k``), else None.
         weights: ``default`` (hub cache, then offline packages), ``random``, ``hub`` (download
@@ -67,12 +70,16 @@ class ModelSpec:
                 f"e.g. 'timm:tf_efficientnet_lite0' or 'open_clip:ViT-B-32/laion2b_s34b_b79k@random'"
             )
         library, rest = spec.split(":", 1)
+        if library.strip() == "head":  # head:PATH, a file path that may hold '/' and '@'
+            return cls(library="head", name="head", weights=rest.strip())
         body, _, weights = rest.partition("@")
         name, _, tag = body.partition("/")
         return cls(library=library.strip(), name=name.strip(), tag=tag.strip() or None,
                    weights=weights.strip() if "@" in rest else "default")
 
     def __str__(self) -> str:
+        if self.library == "head":
+            return f"head:{self.weights}"
         out = f"{self.library}:{self.name}"
         if self.tag:
             out += f"/{self.tag}"

@@ -1,0 +1,184 @@
+"""Fitting a classifier head (:mod:`pipeline.models.head`) on an embedding output's stored vectors and
+labels: no image is decoded again.
+
+Rows are split by id (a stable hash of the uri): about ``held_out`` of them are held out, the rest
+train the head with mini-batch AdamW and cross-entropy. The held-out rows then fit the temperature
+(the one scalar that minimises their negative log-likelihood, so a gated strategy's threshold reads
+as a probability) and give the accuracy that is reported. The parts are streamed one at a time, each
+epoch in a new seeded order, so an output larger than memory trains on one machine; rows without a
+label are skipped. Up to :data:`CACHE_BYTES` of parts stay in memory between epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from pipeline.models.head import HeadNet
+from pipeline.storage import Location
+
+logger = logging.getLogger(__name__)
+
+#: Rows with ``id % HELD_OUT_MODULUS`` below ``held_out * HELD_OUT_MODULUS`` are held out.
+HELD_OUT_MODULUS = 1000
+#: Parts are kept in memory between epochs up to this many bytes of vectors; the rest are read again.
+CACHE_BYTES = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """How a head is fitted.
+
+    Attributes:
+        hidden: width of the hidden layer (0: a linear head).
+        epochs: passes over the training rows.
+        batch_size: rows per step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        held_out: fraction of rows held out for the temperature and the accuracy.
+        seed: of the initialisation and the shuffling.
+    """
+
+    hidden: int = 0
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 5e-2
+    weight_decay: float = 1e-4
+    held_out: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden < 0 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("hidden must be >= 0, epochs and batch_size >= 1, lr > 0, weight_decay >= 0")
+        if not 0 < self.held_out < 1:
+            raise ValueError(f"held_out must be between 0 and 1, got {self.held_out}")
+
+
+@dataclass(frozen=True)
+class FittedHead:
+    """A fitted head and how it did."""
+
+    net: HeadNet
+    labels: list[str]            # class index -> label
+    temperature: float
+    accuracy: float              # top-1 on the held-out rows
+    train_rows: int
+    held_out_rows: int
+    held_out_nll: tuple[float, float]   # before and after the temperature
+    seconds: float
+
+
+def held_out_mask(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Which rows are held out: decided by the id alone, so every pass and every process agrees."""
+    return (np.asarray(ids, dtype=np.int64) % HELD_OUT_MODULUS) < round(fraction * HELD_OUT_MODULUS)
+
+
+def read_labelled(part: Location) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One embedding part's labelled rows: ids (int64), labels (object) and vectors (float32)."""
+    table = part.read_parquet(["id", "label", "embedding"])
+    table = table.filter(pc.is_valid(table.column("label")))
+    emb = table.column("embedding").combine_chunks()
+    vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32)
+    return (table.column("id").to_numpy(), np.asarray(table.column("label").to_pylist(), dtype=object), vectors)
+
+
+def label_vocabulary(parts: list[Location]) -> list[str]:
+    """The sorted distinct labels of the parts (the head's classes)."""
+    seen: set[str] = set()
+    for part in parts:
+        labels = part.read_parquet(["label"]).column("label")
+        seen.update(v for v in pc.unique(labels).to_pylist() if v is not None)
+    return sorted(seen)
+
+
+def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
+             progress: Callable[[str], None] = logger.info) -> FittedHead:
+    """Fits a head on the labelled rows of embedding parts.
+
+    Raises:
+        ValueError: fewer than two labels, or no held-out rows (too few rows).
+    """
+    start = time.perf_counter()
+    labels = label_vocabulary(parts)
+    if len(labels) < 2:
+        raise ValueError(f"a classifier head needs at least two labels; the rows have {len(labels)}")
+    index = {label: i for i, label in enumerate(labels)}
+
+    cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def part(p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Part ``p``'s held-out flags, class indices and vectors."""
+        if p in cache:
+            return cache[p]
+        ids, names, vectors = read_labelled(parts[p])
+        found = (held_out_mask(ids, settings.held_out), np.array([index[n] for n in names], dtype=np.int64), vectors)
+        if sum(c[2].nbytes for c in cache.values()) + vectors.nbytes <= CACHE_BYTES:
+            cache[p] = found
+        return found
+
+    def batches(order_seed: int, held: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng(order_seed)
+        for p in rng.permutation(len(parts)) if not held else range(len(parts)):
+            held_out, classes, vectors = part(p)
+            keep = held_out == held
+            x, y = vectors[keep], classes[keep]
+            order = rng.permutation(len(y)) if not held else np.arange(len(y))
+            for s in range(0, len(y), settings.batch_size):
+                take = order[s: s + settings.batch_size]
+                yield torch.from_numpy(x[take]), torch.from_numpy(y[take])
+
+    dim = part(0)[2].shape[1]
+    torch.manual_seed(settings.seed)
+    net = HeadNet(dim, len(labels), settings.hidden)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    train_rows = 0
+    for epoch in range(settings.epochs):
+        net.train()
+        total, rows = 0.0, 0
+        for x, y in batches(settings.seed * 1_000_003 + epoch, held=False):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, rows = total + loss.item() * len(y), rows + len(y)
+        schedule.step()
+        train_rows = rows
+        if epoch == 0 or (epoch + 1) % max(1, settings.epochs // 5) == 0 or epoch + 1 == settings.epochs:
+            progress(f"epoch {epoch + 1}/{settings.epochs}: loss {total / max(rows, 1):.4f} on {rows} rows")
+    if train_rows == 0:
+        raise ValueError("no training rows: every labelled row fell in the held-out part")
+    net.eval()
+    with torch.inference_mode():
+        held = [(net(x), y) for x, y in batches(0, held=True)]
+    if not held:
+        raise ValueError(f"no held-out rows among {train_rows} (held out: ids with id % {HELD_OUT_MODULUS} below "
+                         f"{round(settings.held_out * HELD_OUT_MODULUS)}); give more rows or a larger held_out")
+    logits, targets = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+    temperature, before, after = fit_temperature(logits, targets)
+    accuracy = float((logits.argmax(dim=1) == targets).float().mean())
+    return FittedHead(net, labels, temperature, accuracy, train_rows, len(targets), (before, after),
+                      time.perf_counter() - start)
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
+    """The temperature T minimising the negative log-likelihood of ``softmax(logits / T)``: a
+    log-spaced search over [0.05, 20], then a finer one around the best.
+
+    Returns:
+        ``(T, nll at T = 1, nll at T)``.
+    """
+    def nll(t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits / t, targets))
+
+    grid = np.geomspace(0.05, 20.0, 61)
+    best = min(grid, key=nll)
+    fine = np.geomspace(best / 1.12, best * 1.12, 41)
+    best = float(min(fine, key=nll))
+    return best, nll(1.0), nll(best)
