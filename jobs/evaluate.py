@@ -2,13 +2,17 @@
 
     python -m jobs.evaluate --data FOLDER | --dataset NAME  --output OUT [--recommend FILE]
                             [--queries-per-class 20] [--finetuned SPEC] [--detector SPEC] [--grids 4]
+                            [--classifier SPEC|head] [--classes labels|predicted]
 
 The set (one sub-folder per class, or a named set: mnist5000, fashion-mnist, mnist:DIR, ... see
 ``pipeline.datasets``) is split per class, seeded: ``--queries-per-class`` images of each class are
 held out as queries, the rest is the gallery (``OUT/gallery``, links to the files, and
 ``OUT/split.json``). The gallery goes through the product's own path — the embedding job on Ray,
 then the class-sharded index — and every query through ``pipeline.search.QueryEngine``, as
-``jobs.search`` and the service answer it. The strategies (``pipeline.strategy``) are swept:
+``jobs.search`` and the service answer it. ``--classifier head`` fits a classifier head on the
+gallery's stored vectors and labels for each embedder (``jobs.train_classifier``; the queries stay
+unseen), and the index's classes are the gallery's own labels; ``--classes`` chooses the partition
+(default: ``jobs.build_index``'s rule). The strategies (``pipeline.strategy``) are swept:
 
     global       embedding similarity over the whole gallery
     class@1      Approach 2: among the gallery images of the top predicted class (filled up from
@@ -59,32 +63,67 @@ from pipeline.evaluation import (
     write_grids,
 )
 from pipeline.files import check_output_folder, sha256_file, write_json_atomically
+from pipeline.head_training import fit_head
 from pipeline.index import IndexConfig, build_index
+from pipeline.index.build import embedding_parts
+from pipeline.index.keying import CLASS_SOURCES
 from pipeline.manifests import Recommendation
-from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, CropPolicy, as_spec, load_detector, select_runtime
+from pipeline.models import (
+    DEFAULT_CLASSIFIER,
+    DEFAULT_EMBEDDER,
+    CropPolicy,
+    as_spec,
+    head_spec,
+    load_detector,
+    load_head,
+    save_head,
+    select_runtime,
+)
 from pipeline.search import QueryEngine
+from pipeline.storage import Location
 
 logger = logging.getLogger("jobs.evaluate")
 
 
-def build_gallery_index(out: Path, gallery: Path, classifier: str, embedder: str, split_key: str) -> Path:
+def build_gallery_index(out: Path, gallery: Path, config: EvalConfig, embedder: str,
+                        split_key: str) -> tuple[Path, float | None]:
     """Runs the embedding job and builds the index for one embedder (reused when already built with
-    the same models, weight files included: a re-trained embedder at the same path is re-embedded)."""
-    weights = [sha256_file(Path(w)) for w in (as_spec(classifier).weights, as_spec(embedder).weights)
+    the same models and partition, weight files included: a re-trained embedder at the same path is
+    re-embedded); with ``--classifier head``, fits the head on the gallery first.
+
+    Returns:
+        The index and the head's held-out accuracy (None without a head).
+    """
+    head = config.classifier == "head"
+    # The head replaces the job's classes: the job's classifier should cost nothing (a timm embedder
+    # is its own classifier, one forward pass), else the default.
+    job_classifier = config.classifier if not head else embedder if as_spec(embedder).library == "timm" \
+        else DEFAULT_CLASSIFIER
+    weights = [sha256_file(Path(w)) for w in (as_spec(job_classifier).weights, as_spec(embedder).weights)
                if Path(w).is_file()]
-    key = hashlib.sha1((f"{classifier}|{embedder}|{split_key}" + (f"|{weights}" if weights else "")).encode()
-                       ).hexdigest()[:12]
+    key = hashlib.sha1((f"{config.classifier}|{embedder}|{split_key}|{config.classes}" +
+                        (f"|{weights}" if weights else "")).encode()).hexdigest()[:12]
     folder = out / "runs" / key
-    index = folder / "index"
+    index, head_file = folder / "index", folder / "head.safetensors"
     if (index / "manifest.json").is_file():
-        return index
+        return index, load_head(head_spec(head_file)).accuracy if head else None
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    summary = run_embedding_job(EmbedConfig(inputs=(str(gallery),), output=str(folder / "embedding-job"), classifier=classifier,
-                              embedder=embedder, batch_size="auto"))
+    summary = run_embedding_job(EmbedConfig(inputs=(str(gallery),), output=str(folder / "embedding-job"),
+                                            classifier=job_classifier, embedder=embedder, batch_size="auto"))
     logger.info("embedded the gallery with %s: %s", embedder, summary["counts"])
-    build_index(folder / "embedding-job", index, IndexConfig())
-    return index
+    accuracy = None
+    if head:
+        parts, manifest = embedding_parts(Location(folder / "embedding-job"))
+        fitted = fit_head(parts)
+        save_head(head_file, fitted.net, fitted.labels, fitted.temperature, manifest.models.spec("embedder"),
+                  fitted.accuracy)
+        accuracy = fitted.accuracy
+        logger.info("classifier head on the gallery: %d classes, held-out accuracy %.4f", len(fitted.labels),
+                    accuracy)
+    build_index(folder / "embedding-job", index, IndexConfig(), classes=config.classes,
+                classifier=head_spec(head_file) if head else None)
+    return index, accuracy
 
 
 def run(config: EvalConfig) -> dict:
@@ -115,13 +154,15 @@ def run(config: EvalConfig) -> dict:
     rows: list[dict] = []
     calibrations: list[dict] = []
     for role, spec in embedders:
-        index = build_gallery_index(out, gallery, config.classifier, spec, split_key)
+        index, head_accuracy = build_gallery_index(out, gallery, config, spec, split_key)
         engine = QueryEngine.load(str(index), runtime=runtime, detector=detector)
+        keyed = (engine.index.manifest.class_source or {}).get("source", "predicted")
+        facts = {"embedder": role, "embedder_spec": spec, "classifier_spec": engine.index.manifest.models.spec("classifier"),
+                 "classes": keyed, "head_accuracy": head_accuracy}
         for crop in (False, True) if detector else (False,):
             found, calibration = evaluate_engine(engine, images, query_labels, n_relevant, config, crop)
-            rows += [{"embedder": role, "embedder_spec": spec, **row} for row in found]
-            calibrations.append({"embedder": role, "embedder_spec": spec, "crop": "on" if crop else "off",
-                                 **calibration})
+            rows += [facts | row for row in found]
+            calibrations.append(facts | {"crop": "on" if crop else "off"} | calibration)
     grids = []
     if config.grids:
         best = max((r for r in rows if r["strategy"] != "calibrated"), key=lambda r: r[config.target_metric])
@@ -130,7 +171,7 @@ def run(config: EvalConfig) -> dict:
     title = f"{config.dataset or config.data}: {len(query_idx)} queries, {len(gallery_idx)} gallery images, " \
             f"{len(gallery_counts)} classes"
     table = markdown_table(rows, config.ks, title) + "\n" + calibration_table(calibrations)
-    results = {"title": title, "classifier": config.classifier,
+    results = {"title": title, "classifier": config.classifier, "classes": config.classes,
                "rows": [{k: v for k, v in r.items() if k != "_results"} for r in rows],
                "calibration": calibrations, "grids": grids}
     (out / "results.md").write_text(table)
@@ -139,7 +180,7 @@ def run(config: EvalConfig) -> dict:
         chosen = next(c for c in calibrations[::-1] if c["crop"] == "off")  # the fine-tuned embedder's, if any
         Recommendation(strategy=chosen["recommended"], metric=chosen["metric"], value=chosen["recommended_value"],
                        held_out_value=chosen["held_out_value"], global_value=chosen["global_value"],
-                       evaluation=title, classifier=config.classifier,
+                       evaluation=title, classifier=chosen["classifier_spec"],
                        embedder=chosen["embedder_spec"]).write(config.recommend)
         results["recommended"] = chosen
     return results
@@ -154,7 +195,12 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     parser.add_argument("--per-class", type=int, help="--dataset: images per class to use (default: all)")
     parser.add_argument("--queries-per-class", type=int, default=20, help="held-out queries per class (default: 20)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
+    parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
+                        help="the query classifier: a timm spec, or head: a classifier head fitted on the gallery "
+                             f"split's embeddings for each embedder (default: {DEFAULT_CLASSIFIER})")
+    parser.add_argument("--classes", choices=CLASS_SOURCES,
+                        help="the index's class partition: labels (the gallery's own) or predicted (the "
+                             "classifier's top-1); default: jobs.build_index's rule")
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="the pretrained embedder")
     parser.add_argument("--finetuned", help="a fine-tuned embedder spec (from jobs.train_embedder)")
     parser.add_argument("--detector", help="torchvision detector spec: adds the crop-on rows")
@@ -183,7 +229,7 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
                           crop_min_score=args.crop_min_score, top_n=args.top_n, ks=tuple(sorted(set(args.k))),
                           batch_size=args.batch_size, grids=args.grids, worst=args.worst, metric=args.metric,
                           recommend=args.recommend, min_gain=args.min_gain,
-                          confidence=args.confidence)
+                          confidence=args.confidence, classes=args.classes)
     except ValueError as exc:
         parser.error(str(exc))
 

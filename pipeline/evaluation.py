@@ -40,7 +40,8 @@ class EvalConfig:
     per_class: int | None = None
     queries_per_class: int = 20
     seed: int = 0
-    classifier: str = DEFAULT_CLASSIFIER
+    classifier: str = DEFAULT_CLASSIFIER   # a timm spec, or "head": one fitted on the gallery split
+    classes: str | None = None       # the index's partition: labels, predicted, None: jobs.build_index's rule
     embedder: str = DEFAULT_EMBEDDER
     finetuned: str | None = None
     detector: str | None = None
@@ -66,6 +67,8 @@ class EvalConfig:
             raise ValueError("--per-class must exceed --queries-per-class (the rest is the gallery)")
         if self.grids < 0 or self.worst < 0:
             raise ValueError("--grids and --worst must be >= 0")
+        if self.classes not in (None, "labels", "predicted"):
+            raise ValueError(f"--classes must be labels or predicted, got {self.classes!r}")
         if not 0 <= self.confidence < 1:
             raise ValueError(f"--confidence must be in [0, 1), got {self.confidence}")
         if self.top_n > 5:
@@ -349,7 +352,12 @@ def calibration_table(calibrations: list[dict]) -> str:
         for metric, best in c["best_per_metric"].items():
             lines.append(f"| {c['embedder']} | {c['crop']} | {metric} | {best['strategy']} | {best['value']:.4f} | "
                          f"{globals_[metric]:.4f} |")
-    lines += [""] + [f"- {c['embedder']}, crop {c['crop']}: recommended for {c['metric']}: "
+
+    def setting(c: dict) -> str:
+        head = "" if c.get("head_accuracy") is None else f"; head accuracy {c['head_accuracy']:.4f}"
+        return f"{c['embedder']}, crop {c['crop']} (classes: {c.get('classes', 'predicted')}{head})"
+
+    lines += [""] + [f"- {setting(c)}: recommended for {c['metric']}: "
                      f"**{c['recommended']['name']}** ({c['recommended_value']:.4f}); held out (each half with "
                      f"the other half's best: {' / '.join(c['held_out_chosen'])}): {c['held_out_value']:.4f}"
                      for c in calibrations]

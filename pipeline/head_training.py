@@ -1,8 +1,9 @@
 """Fitting a classifier head (:mod:`pipeline.models.head`) on an embedding output's stored vectors and
 labels: no image is decoded again.
 
-Rows are split by id (a stable hash of the uri): about ``held_out`` of them are held out, the rest
-train the head with mini-batch AdamW and cross-entropy. The held-out rows then fit the temperature
+Rows are split by id (a stable hash of the uri), per label: in each label, the ``held_out`` fraction
+of rows that come first in a fixed scrambling of their ids (at least one, for a label with two or
+more rows) is held out; the rest train the head with mini-batch AdamW and cross-entropy. The held-out rows then fit the temperature
 (the one scalar that minimises their negative log-likelihood, so a gated strategy's threshold reads
 as a probability) and give the accuracy that is reported. The parts are streamed one at a time, each
 epoch in a new seeded order, so an output larger than memory trains on one machine; rows without a
@@ -25,8 +26,6 @@ from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
 
-#: Rows with ``id % HELD_OUT_MODULUS`` below ``held_out * HELD_OUT_MODULUS`` are held out.
-HELD_OUT_MODULUS = 1000
 #: Parts are kept in memory between epochs up to this many bytes of vectors; the rest are read again.
 CACHE_BYTES = 2 * 2**30
 
@@ -74,9 +73,26 @@ class FittedHead:
     seconds: float
 
 
-def held_out_mask(ids: np.ndarray, fraction: float) -> np.ndarray:
-    """Which rows are held out: decided by the id alone, so every pass and every process agrees."""
-    return (np.asarray(ids, dtype=np.int64) % HELD_OUT_MODULUS) < round(fraction * HELD_OUT_MODULUS)
+def held_out_ids(ids: np.ndarray, labels: np.ndarray, fraction: float) -> np.ndarray:
+    """The held-out ids, sorted: per label, the first ``ceil(fraction * n)`` of its ``n`` ids in a
+    fixed scrambling (none for a label with one row). Decided by the ids alone, so every pass and
+    every process agrees."""
+    ids = np.asarray(ids, dtype=np.int64)
+    scrambled = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) >= 2:
+            take = max(1, int(np.ceil(fraction * len(members))))
+            chosen.append(ids[members[np.argsort(scrambled[members], kind="stable")[:take]]])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    pos = np.searchsorted(sorted_set, values).clip(max=len(sorted_set) - 1)
+    return sorted_set[pos] == values
 
 
 def read_labelled(part: Location) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,13 +104,16 @@ def read_labelled(part: Location) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (table.column("id").to_numpy(), np.asarray(table.column("label").to_pylist(), dtype=object), vectors)
 
 
-def label_vocabulary(parts: list[Location]) -> list[str]:
-    """The sorted distinct labels of the parts (the head's classes)."""
-    seen: set[str] = set()
+def labelled_ids(parts: list[Location]) -> tuple[np.ndarray, np.ndarray]:
+    """The ids and labels of the parts' labelled rows (reads those two columns only)."""
+    ids, labels = [], []
     for part in parts:
-        labels = part.read_parquet(["label"]).column("label")
-        seen.update(v for v in pc.unique(labels).to_pylist() if v is not None)
-    return sorted(seen)
+        table = part.read_parquet(["id", "label"])
+        table = table.filter(pc.is_valid(table.column("label")))
+        ids.append(table.column("id").to_numpy())
+        labels.append(np.asarray(table.column("label").to_pylist(), dtype=object))
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64),
+            np.concatenate(labels) if labels else np.zeros(0, object))
 
 
 def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
@@ -105,7 +124,9 @@ def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
         ValueError: fewer than two labels, or no held-out rows (too few rows).
     """
     start = time.perf_counter()
-    labels = label_vocabulary(parts)
+    all_ids, all_labels = labelled_ids(parts)
+    labels = sorted(set(all_labels.tolist()))
+    held_out = held_out_ids(all_ids, all_labels, settings.held_out)
     if len(labels) < 2:
         raise ValueError(f"a classifier head needs at least two labels; the rows have {len(labels)}")
     index = {label: i for i, label in enumerate(labels)}
@@ -117,7 +138,7 @@ def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
         if p in cache:
             return cache[p]
         ids, names, vectors = read_labelled(parts[p])
-        found = (held_out_mask(ids, settings.held_out), np.array([index[n] for n in names], dtype=np.int64), vectors)
+        found = (_member(ids, held_out), np.array([index[n] for n in names], dtype=np.int64), vectors)
         if sum(c[2].nbytes for c in cache.values()) + vectors.nbytes <= CACHE_BYTES:
             cache[p] = found
         return found
@@ -125,8 +146,8 @@ def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
     def batches(order_seed: int, held: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = np.random.default_rng(order_seed)
         for p in rng.permutation(len(parts)) if not held else range(len(parts)):
-            held_out, classes, vectors = part(p)
-            keep = held_out == held
+            flags, classes, vectors = part(p)
+            keep = flags == held
             x, y = vectors[keep], classes[keep]
             order = rng.permutation(len(y)) if not held else np.arange(len(y))
             for s in range(0, len(y), settings.batch_size):
@@ -158,8 +179,7 @@ def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
     with torch.inference_mode():
         held = [(net(x), y) for x, y in batches(0, held=True)]
     if not held:
-        raise ValueError(f"no held-out rows among {train_rows} (held out: ids with id % {HELD_OUT_MODULUS} below "
-                         f"{round(settings.held_out * HELD_OUT_MODULUS)}); give more rows or a larger held_out")
+        raise ValueError(f"no held-out rows among {train_rows}: every label has a single row")
     logits, targets = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
     temperature, before, after = fit_temperature(logits, targets)
     accuracy = float((logits.argmax(dim=1) == targets).float().mean())

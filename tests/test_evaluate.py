@@ -130,6 +130,30 @@ def test_evaluation_end_to_end_with_finetuning_crop_and_grids(tmp_path: Path, ca
     assert results["grids"] and all(Image.open(p).size == grid_size(5) for p in results["grids"])
 
 
+def test_evaluation_with_a_head_fitted_on_the_gallery_keys_the_index_by_its_labels(tmp_path: Path) -> None:
+    """--classifier head: a head is fitted on the gallery split's vectors (the queries stay unseen),
+    the index's classes are the gallery's labels, and every strategy is evaluated on it."""
+    make_class_folders(tmp_path / "data", classes=3, per_class=6)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--data", str(tmp_path / "data"), "--output", str(out), "--queries-per-class", "2",
+                          "--classifier", "head", "--embedder", TINY_CLASSIFIER, "--batch-size", "4",
+                          "--top-n", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    calibration = results["calibration"][0]
+    assert calibration["classes"] == "labels" and 0 <= calibration["head_accuracy"] <= 1
+    assert calibration["classifier_spec"].startswith("head:") and [r["strategy"] for r in results["rows"]][:3] == \
+        ["global", "class@1", "class@2"]
+    run = next((out / "runs").iterdir())
+    index = json.loads((run / "index" / "manifest.json").read_text())
+    assert index["class_source"]["labels"] == ["class0", "class1", "class2"]
+    assert {c: v[2] - v[1] for c, v in index["classes"].items()} == {"0": 4, "1": 4, "2": 4}  # the gallery split
+    queries = {str(Path(q).resolve()) for q in json.loads((out / "split.json").read_text())["queries"]}
+    embedded = [u for part in (run / "embedding-job" / "embeddings").glob("part-*.parquet")
+                for u in pq.read_table(part).column("uri").to_pylist()]
+    assert len(embedded) == 12 and not queries & {str(Path(u).resolve()) for u in embedded}
+    assert "(classes: labels; head accuracy" in (out / "results.md").read_text()
+
+
 def test_bad_evaluation_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "one" / "only").mkdir(parents=True)
     assert evaluate_main(["--data", str(tmp_path / "one"), "--output", str(tmp_path / "o")]) == 2

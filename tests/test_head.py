@@ -14,7 +14,7 @@ from helpers import DIM, synthetic, unit, write_embeddings
 
 from jobs.build_index import main as build_index_main
 from jobs.train_classifier import main as train_main
-from pipeline.head_training import HeadSettings, fit_head, fit_temperature, held_out_mask
+from pipeline.head_training import HeadSettings, fit_head, fit_temperature, held_out_ids
 from pipeline.index import ShardedIndex, append_index, build_index
 from pipeline.index.build import embedding_parts
 from pipeline.index.keying import UNLABELLED
@@ -46,7 +46,7 @@ def test_the_head_learns_the_labels_and_its_temperature_calibrates(output, capsy
     # The clusters overlap: the yardstick is the nearest class mean of the training rows, measured on
     # the same held-out rows (about what a linear rule can reach).
     labelled = np.array([label is not None for label in data["label"]])
-    held = held_out_mask(data["id"], 0.1) & labelled
+    held = np.isin(data["id"], held_out_ids(data["id"][labelled], data["label"][labelled], 0.1))
     names = np.array(head.labels.ids)
     means = unit(np.stack([data["embedding"][~held & (data["label"] == n)].mean(axis=0) for n in names]))
     nearest_mean = (names[(data["embedding"][held] @ means.T).argmax(axis=1)] == data["label"][held]).mean()
@@ -70,11 +70,17 @@ def test_the_temperature_undoes_an_overconfident_scale() -> None:
     assert temperature == pytest.approx(4.0, rel=0.15) and after < before
 
 
-def test_held_out_rows_are_chosen_by_id() -> None:
-    ids = np.arange(-5000, 5000, dtype=np.int64)
-    mask = held_out_mask(ids, 0.1)
-    assert mask.mean() == pytest.approx(0.1, abs=0.001)
-    np.testing.assert_array_equal(mask, held_out_mask(ids[::-1], 0.1)[::-1])
+def test_held_out_rows_are_chosen_by_id_per_label() -> None:
+    ids = np.arange(-5000, 5000, dtype=np.int64) * 7919
+    labels = np.array([f"c{i % 7}" for i in range(len(ids))], dtype=object)
+    held = held_out_ids(ids, labels, 0.1)
+    for c in range(7):
+        members = ids[labels == f"c{c}"]
+        assert np.isin(members, held).sum() == int(np.ceil(0.1 * len(members)))
+    order = np.random.default_rng(0).permutation(len(ids))
+    np.testing.assert_array_equal(held_out_ids(ids[order], labels[order], 0.1), held)   # the order does not matter
+    tiny = held_out_ids(np.array([5, 9, 11]), np.array(["a", "a", "b"], dtype=object), 0.1)
+    assert len(tiny) == 1 and tiny[0] in (5, 9)                # one of a's two rows; b's only row trains
 
 
 def test_the_head_spec_and_its_checks(output, tmp_path: Path, capsys) -> None:
