@@ -95,10 +95,10 @@ def build_gallery_index(out: Path, gallery: Path, config: EvalConfig, embedder: 
         The index and the head's held-out accuracy (None without a head).
     """
     head = config.classifier == "head"
-    # The head replaces the job's classes: the job's classifier should cost nothing (a timm embedder
-    # is its own classifier, one forward pass), else the default.
-    job_classifier = config.classifier if not head else embedder if as_spec(embedder).library == "timm" \
-        else DEFAULT_CLASSIFIER
+    # The head replaces the job's classes: the job's classifier should cost nothing (a pretrained timm
+    # embedder is its own classifier, one forward pass), else the default.
+    plain_timm = as_spec(embedder).library == "timm" and as_spec(embedder).weight_file is None
+    job_classifier = config.classifier if not head else embedder if plain_timm else DEFAULT_CLASSIFIER
     weights = [sha256_file(Path(w)) for w in (as_spec(job_classifier).weights, as_spec(embedder).weights)
                if Path(w).is_file()]
     key = hashlib.sha1((f"{config.classifier}|{embedder}|{split_key}|{config.classes}" +
