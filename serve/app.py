@@ -2,6 +2,9 @@
 
     Ingress (FastAPI) -> Detector (optional crop) -> Classifier + Embedder -> Retriever(s) -> merge
 
+An index whose classifier is a head (``head:PATH``, over the embedder's vectors) has no Classifier
+deployment: the Embedder replicas run the head on the vectors they compute.
+
 Run it with ``serve run serve/config.yaml`` or ``serve run serve.app:build_app index=out/demo-index``.
 The ingress decodes each upload once (exactly as the gallery was decoded) — or, with
 ``decode: device``, the model deployments decode their batch of uploads on their GPU — the model
@@ -34,7 +37,7 @@ from pipeline.device_decode import prepare_batch
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, header_pixels
 from pipeline.index import Hit, ShardedIndex
 from pipeline.manifests import IndexManifest
-from pipeline.models import CropPolicy, load_classifier, load_detector, load_embedder, select_runtime
+from pipeline.models import CropPolicy, head_for, load_classifier, load_detector, load_embedder, select_runtime
 from pipeline.search import Prepared, QueryPreprocess, class_answers, merge_hits
 from pipeline.strategy import Search, Strategy, run_plan_async
 from pipeline.sources import read_uri
@@ -168,18 +171,25 @@ class Classifier:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Embedder:
     """L2-normalised embeddings of images (and texts, for CLIP models), or of encoded uploads
-    (``decode: device``)."""
+    (``decode: device``); with a classifier head, also the top classes from each image's vector."""
 
     def __init__(self, spec: str, device: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, head: str | None = None) -> None:
         self.model = load_embedder(spec, select_runtime(device))
+        self.head = head_for(head, self.model) if head else None
         self.max_pixels = max_pixels
-        for method in (self.embed, self.embed_encoded, self.embed_text):
+        for method in (self.embed, self.embed_encoded, self.embed_text, self.classify_and_embed,
+                       self.classify_and_embed_encoded):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def has_text(self) -> bool:
         return self.model.has_text
+
+    def _with_classes(self, vectors: np.ndarray) -> list[tuple[list[dict], np.ndarray]]:
+        if self.head is None:
+            raise ValueError("this Embedder has no classifier head")
+        return list(zip(class_answers(self.head.labels, *self.head.classify_vectors(vectors, 5)), vectors))
 
     @serve.batch
     async def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -189,6 +199,16 @@ class Embedder:
     async def embed_encoded(self, datas: list[bytes]) -> list[np.ndarray | dict]:
         images, ok, errors = _decode_on_device(self.model, datas, self.max_pixels)
         return _in_order(len(datas), ok, list(self.model.embed_images(images)) if ok else [], errors)
+
+    @serve.batch
+    async def classify_and_embed(self, images: list[np.ndarray]) -> list[tuple[list[dict], np.ndarray]]:
+        """The head's top classes and the vector of each image (one forward pass)."""
+        return self._with_classes(self.model.embed_images(np.stack(images)))
+
+    @serve.batch
+    async def classify_and_embed_encoded(self, datas: list[bytes]) -> list[tuple[list[dict], np.ndarray] | dict]:
+        images, ok, errors = _decode_on_device(self.model, datas, self.max_pixels)
+        return _in_order(len(datas), ok, self._with_classes(self.model.embed_images(images)) if ok else [], errors)
 
     @serve.batch
     async def embed_text(self, texts: list[str]) -> list[np.ndarray]:
@@ -293,7 +313,7 @@ async def _read_upload(request: Request, limit: int) -> bytes:
 class Ingress:
     """HTTP front: decodes, optionally crops, fans out to the model and retriever deployments."""
 
-    def __init__(self, config: dict, manifest: IndexManifest, classifier: DeploymentHandle,
+    def __init__(self, config: dict, manifest: IndexManifest, classifier: DeploymentHandle | None,
                  embedder: DeploymentHandle, retrievers: list[DeploymentHandle],
                  detector: DeploymentHandle | None = None) -> None:
         self.config = AppConfig(**config)
@@ -330,12 +350,24 @@ class Ingress:
         """``decode: device``: the model replicas decode the upload on their device."""
         if not data:
             raise HTTPException(400, "cannot decode the image: empty: the request has no image")
-        classes, vector = await asyncio.gather(_ask(self.classifier.classify_encoded, data),
-                                               _ask(self.embedder.embed_encoded, data))
-        for answer in (classes, vector):
+        if self.classifier is None:  # a head in the Embedder
+            answers = [await _ask(self.embedder.classify_and_embed_encoded, data)]
+        else:
+            answers = await asyncio.gather(_ask(self.classifier.classify_encoded, data),
+                                           _ask(self.embedder.embed_encoded, data))
+        for answer in answers:
             if isinstance(answer, dict):
                 raise HTTPException(400, f"cannot decode the image: {answer['error']}")
+        classes, vector = answers[0] if self.classifier is None else answers
         return await asyncio.to_thread(_image_size, data), classes, vector
+
+    async def _classify_and_embed(self, prepared: Prepared) -> tuple[list[dict], np.ndarray]:
+        """The classes and the vector of a prepared query: from the Classifier and the Embedder in
+        parallel, or from the Embedder alone when the classifier is a head."""
+        if self.classifier is None:
+            return await _ask(self.embedder.classify_and_embed, prepared.for_embedder)
+        return tuple(await asyncio.gather(_ask(self.classifier.classify, prepared.for_classifier),
+                                          _ask(self.embedder.embed, prepared.for_embedder)))
 
     async def _merge(self, vector: np.ndarray, classes: list[int], k: int, mode: str,
                      min_score: float | None) -> list[Hit]:
@@ -378,8 +410,7 @@ class Ingress:
                 prepared = await self._prepare(data, cropping)
                 box, size = prepared.box, prepared.size
         if not on_device:
-            classes, vector = await asyncio.gather(_ask(self.classifier.classify, prepared.for_classifier),
-                                                   _ask(self.embedder.embed, prepared.for_embedder))
+            classes, vector = await self._classify_and_embed(prepared)
 
         async def search(request: Search) -> list[list[Hit]]:
             if request.classes is None:
@@ -459,9 +490,11 @@ def build_app(args: dict) -> serve.Application:
     # `serve run serve.app:build_app ...` and the benchmarks.
     scaled = {"autoscaling_config": config.model_autoscaling} if config.model_autoscaling else {}
     max_pixels = query_pixel_limit(config, manifest)
-    classifier = Classifier.options(**scaled).bind(specs["classifier"], config.device, **batching,
-                                                   max_pixels=max_pixels)
-    embedder = Embedder.options(**scaled).bind(specs["embedder"], config.device, **batching, max_pixels=max_pixels)
+    head = specs["classifier"] if specs["classifier"].startswith("head:") else None
+    classifier = None if head else Classifier.options(**scaled).bind(specs["classifier"], config.device, **batching,
+                                                                      max_pixels=max_pixels)
+    embedder = Embedder.options(**scaled).bind(specs["embedder"], config.device, **batching, max_pixels=max_pixels,
+                                               head=head)
     options = config.retriever_actor_options or [{}] * len(shards)
     if len(options) != len(shards):
         raise ValueError(f"retriever_actor_options has {len(options)} entries for {len(shards)} retrievers")

@@ -18,6 +18,7 @@ from helpers import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, free_p
 from PIL import Image
 
 from pipeline.embed_job import EmbedConfig, run
+from jobs.train_classifier import main as train_classifier_main
 from pipeline.datasets import sample_photos
 from pipeline.images import ImageDecodeError
 from pipeline.index import IndexConfig, build_index
@@ -44,8 +45,9 @@ def service(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     made = make_class_folders(root / "data", classes=3, per_class=5)
-    # 4 logical CPUs: the main app takes 2.0 and the decode=device app 1.5 (two physical cores suffice).
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    # 5 logical CPUs: the main app takes 2.0, the decode=device app 1.5 and the head app 1.0 (two
+    # physical cores suffice).
+    ray.init(address="local", num_cpus=5, include_dashboard=False, logging_level="ERROR")
     run(EmbedConfig(inputs=(str(root / "data"),), output=str(root / "emb"), classifier=TINY_CLASSIFIER,
                     embedder=TINY_CLIP_SPEC, batch_size=4, top_n=3, max_pixels=MAX_PIXELS))
     # Small shards, split over two retriever deployments: the ingress must merge their top-k.
@@ -60,7 +62,15 @@ def service(tmp_path_factory):
               name="lookalike", route_prefix="/")
     serve.run(build_app({"index": str(root / "index"), "max_body_mb": 0.25, "max_batch_size": 4,
                          "decode": "device", "strategy": "class@2"}), name="lookalike-device", route_prefix="/device")
-    yield {"url": f"http://127.0.0.1:{port}", "index": root / "index", "images": made["good"]}
+    # A classifier head fitted on the gallery, and the index keyed by the gallery's labels.
+    assert train_classifier_main(["--embeddings", str(root / "emb"), "--output", str(root / "head.safetensors"),
+                                  "--epochs", "5"]) == 0
+    build_index(root / "emb", root / "head-index", IndexConfig(shard_size=5), classes="labels",
+                classifier=f"head:{root / 'head.safetensors'}")
+    serve.run(build_app({"index": str(root / "head-index"), "max_batch_size": 4, "strategy": "class@1"}),
+              name="lookalike-head", route_prefix="/head")
+    yield {"url": f"http://127.0.0.1:{port}", "index": root / "index", "head_index": root / "head-index",
+           "images": made["good"]}
     serve.shutdown()
     ray.shutdown()
 
@@ -252,6 +262,38 @@ def test_the_strategy_defaults_to_the_configs_then_the_indexs_then_global(servic
     assert on_device["strategy"] == "class@2"                              # the app's config
     assert on_device["results"][0]["uri"] == str(service["images"][0])
     assert post(service, data, strategy="gated@2:0.5", fill="false").json()["strategy"] == "gated@2:0.5"
+
+
+def test_a_head_index_is_served_without_a_classifier_deployment(service) -> None:
+    """An index whose classifier is a head: the Embedder replicas classify from the vectors they
+    compute (no Classifier deployment), the answers equal the offline engine's, and a class search
+    returns the gallery images labelled with the predicted class."""
+    from ray import serve
+
+    deployments = serve.status().applications["lookalike-head"].deployments
+    assert "Embedder" in deployments and "Classifier" not in deployments
+    engine = QueryEngine.load(str(service["head_index"]))
+    assert engine.models.head
+    for path in service["images"][::4]:
+        data = path.read_bytes()
+        response = requests.post(f"{service['url']}/head/search", params={"k": 3}, data=data, timeout=60)
+        assert response.status_code == 200, response.text
+        online = response.json()
+        assert {c["name"] for c in online["classes"]} <= {"class0", "class1", "class2"}
+        assert_answers_agree(online, engine, data, 3, "class@1")
+        if online["note"] is None:  # a full class answer: the predicted class's own images
+            assert {h["label"] for h in online["results"]} == {online["classes"][0]["name"]}
+    # decode: device uses the Embedder's other entry point: the same classes and vector.
+    handle = serve.get_deployment_handle("Embedder", app_name="lookalike-head")
+    data = service["images"][0].read_bytes()
+    classes, vector = handle.classify_and_embed_encoded.remote(data).result()
+    online = requests.post(f"{service['url']}/head/search", params={"k": 3}, data=data, timeout=60).json()
+    assert_same_ranking([c["index"] for c in classes], [c["probability"] for c in classes],
+                        [c["index"] for c in online["classes"]], [c["probability"] for c in online["classes"]],
+                        atol=0.02)
+    assert vector.shape == (engine.index.dim,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-4
+    bad = handle.classify_and_embed_encoded.remote(b"not an image").result()
+    assert isinstance(bad, dict) and "error" in bad
 
 
 def test_model_overrides_that_differ_from_the_index_are_refused(service) -> None:
