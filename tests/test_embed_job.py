@@ -16,6 +16,7 @@ from helpers import TINY_CLASSIFIER, TINY_CLIP_SPEC, assert_same_ranking, make_c
 
 from jobs.embed import main, parse_args
 from pipeline.embed_job import EmbedConfig, run
+from pipeline.strategy import Strategy
 
 pytestmark = [pytest.mark.ray]
 
@@ -247,3 +248,103 @@ def test_embed_then_build_then_search_finds_the_image_itself(tmp_path: Path, cap
     assert build_main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index")]) == 2
     assert build_main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index"), "--append"]) == 0
     assert "18 images" in capsys.readouterr().out
+
+
+def test_a_head_classifier_runs_inside_the_embedder_and_keys_the_index_by_labels(tmp_path: Path, capsys) -> None:
+    """jobs.embed --classifier head:PATH: the classes come from the embedder's vectors (no second
+    network), and an index of that output is keyed by the gallery's labels, searched by jobs.search."""
+    from jobs.build_index import main as build_main
+    from jobs.search import main as search_main
+    from jobs.train_classifier import main as train_main
+    from pipeline.models import load_head
+
+    made = make_class_folders(tmp_path / "data", classes=3, per_class=6)
+    run(config([tmp_path / "data"], tmp_path / "first", top_n=1))
+    head_file = tmp_path / "head.safetensors"
+    assert train_main(["--embeddings", str(tmp_path / "first"), "--output", str(head_file), "--epochs", "5"]) == 0
+    spec = f"head:{head_file}"
+    with pytest.raises(ValueError, match="runs inside the embedder"):
+        config([tmp_path / "data"], tmp_path / "x", classifier=spec, stages="separate")
+    run(config([tmp_path / "data"], tmp_path / "emb", classifier=spec))
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert manifest["models"]["classifier"]["spec"] == spec
+    assert manifest["models"]["classifier"]["preprocess"] == manifest["models"]["embedder"]["preprocess"]
+    head = load_head(spec)
+    for row in read_rows(tmp_path / "emb").values():  # the actor's head on its vectors = the head here
+        want_ids, want_probs = head.classify_vectors(np.array([row["embedding"]], np.float32), 3)
+        assert_same_ranking(row["classes"], row["class_probs"], want_ids[0].tolist(), want_probs[0].tolist(), atol=1e-4)
+    capsys.readouterr()
+    assert build_main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index")]) == 0
+    assert "classes: the gallery's labels (3 of them" in capsys.readouterr().out  # the default rule
+    query = made["good"][7]
+    assert search_main(["--index", str(tmp_path / "index"), "--image", str(query), "-k", "3", "--json",
+                        "--strategy", "class@1"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    predicted = answer["classes"][0]["name"]
+    assert predicted in ("class0", "class1", "class2") and answer["note"] is None  # 6 images per label
+    assert {r["label"] for r in answer["results"]} == {predicted}                 # the predicted label's images
+    assert (answer["results"][0]["uri"] == str(query)) == (predicted == query.parent.name)
+
+
+def test_synset_tars_with_the_imagenet_classifier_search_the_tar_of_the_predicted_synset(tmp_path: Path,
+                                                                                         capsys) -> None:
+    """ImageNet class tars (named by synset) and the offline EfficientNet-Lite0: the index is keyed by
+    the tars' synsets, a query searches the tar of its predicted synset, and a query whose synset has
+    no tar is filled from the global search with a note (or searched globally when the gate says so)."""
+    from PIL import Image, ImageOps
+
+    from jobs.build_index import main as build_main
+    from pipeline.datasets import sample_photos
+    from pipeline.models import DEFAULT_CLASSIFIER
+    from pipeline.search import QueryEngine
+
+    photos = {p.name: p for p in sample_photos()}
+    variants = {}
+    for name in ("coffee.png", "motorcycle_left.png", "rocket.jpg"):
+        image = Image.open(photos[name]).convert("RGB")
+        w, h = image.size
+        variants[name] = [ImageOps.mirror(image), image.crop((w // 10, h // 10, w - w // 10, h - h // 10)),
+                          ImageOps.autocontrast(image.rotate(8))]
+    # Name the tars after what the classifier predicts for the coffee and the motorcycle photos; the
+    # rocket variants go into a tar of a synset no query is about (a tench).
+    from pipeline.images import decode_image, resize_image
+    from pipeline.models import load_image_models
+
+    models = load_image_models(DEFAULT_CLASSIFIER, DEFAULT_CLASSIFIER)
+
+    def top_synset(path: Path) -> str:
+        image = resize_image(decode_image(path.read_bytes()), models.classifier.preprocess)
+        return models.classifier.labels.id_of(int(models.classify_and_embed(image[None], None, 1)[0][0, 0]))
+
+    synsets = {"coffee.png": top_synset(photos["coffee.png"]), "motorcycle_left.png": top_synset(photos["motorcycle_left.png"]),
+               "rocket.jpg": "n01440764"}
+    (tmp_path / "tars").mkdir()
+    for name, synset in synsets.items():
+        with tarfile.open(tmp_path / "tars" / f"{synset}.tar", "w") as tar:
+            for i, image in enumerate(variants[name]):
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=90)
+                info = tarfile.TarInfo(f"{synset}_{i}.JPEG")
+                info.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(info, buffer)
+    run(config([tmp_path / "tars"], tmp_path / "emb", classifier=DEFAULT_CLASSIFIER, embedder=DEFAULT_CLASSIFIER))
+    capsys.readouterr()
+    assert build_main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index")]) == 0
+    assert "classes: the gallery's labels (3 of them are classes of imagenet-1k" in capsys.readouterr().out
+    engine = QueryEngine.load(str(tmp_path / "index"))
+    assert engine.index.manifest.class_source["source"] == "labels"
+    coffee = engine.search([photos["coffee.png"].read_bytes()], k=3, strategy="class@1")[0]
+    assert coffee.classes[0]["synset"] == synsets["coffee.png"] and coffee.note is None
+    assert {h.label for h in coffee.hits} == {synsets["coffee.png"]} and len(coffee.hits) == 3
+    # The astronaut's predicted synset has no tar: the class search finds nothing and says so.
+    astronaut = engine.search([photos["astronaut.png"].read_bytes()], k=3, strategy="class@1")[0]
+    assert astronaut.classes[0]["synset"] not in synsets.values()
+    assert astronaut.note is not None and "has no gallery images; 3 filled from the global search" in astronaut.note
+    assert len(astronaut.hits) == 3
+    unfilled = engine.search([photos["astronaut.png"].read_bytes()], k=3, strategy=Strategy.parse("class@1", fill=False))[0]
+    assert unfilled.hits == [] and "search with fill or the global strategy" in unfilled.note
+    # A gate above the astronaut's confidence searches globally instead, without a note.
+    tau = (astronaut.classes[0]["probability"] + 1) / 2
+    gated = engine.search([photos["astronaut.png"].read_bytes()], k=3, strategy=Strategy("gated", tau=tau))[0]
+    assert gated.note is None and [h.id for h in gated.hits] == [h.id for h in astronaut.hits]
