@@ -32,7 +32,10 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
                         help="folder (flat or class sub-folders), tar, webdataset shard or parquet; repeatable")
     parser.add_argument("--output", required=True,
                         help="output folder: on a cluster a shared filesystem or an object store (s3://bucket/prefix)")
-    parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help=f"default: {DEFAULT_CLASSIFIER}")
+    parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
+                        help="a timm classifier spec; head:PATH, a classifier head (jobs.train_classifier) run on "
+                             "the embedder's vectors (no second network); or none: embeddings only "
+                             f"(default: {DEFAULT_CLASSIFIER})")
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help=f"default: {DEFAULT_EMBEDDER}")
     parser.add_argument("--top-n", type=int, default=5, help="predicted classes kept per image (default: 5)")
     parser.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"])

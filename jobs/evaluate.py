@@ -71,6 +71,7 @@ from pipeline.manifests import Recommendation
 from pipeline.models import (
     DEFAULT_CLASSIFIER,
     DEFAULT_EMBEDDER,
+    NO_CLASSIFIER,
     CropPolicy,
     as_spec,
     head_spec,
@@ -95,12 +96,9 @@ def build_gallery_index(out: Path, gallery: Path, config: EvalConfig, embedder: 
         The index and the head's held-out accuracy (None without a head).
     """
     head = config.classifier == "head"
-    # The head replaces the job's classes: the job's classifier should cost nothing (a pretrained timm
-    # embedder is its own classifier, one forward pass), else the default.
-    plain_timm = as_spec(embedder).library == "timm" and as_spec(embedder).weight_file is None
-    job_classifier = config.classifier if not head else embedder if plain_timm else DEFAULT_CLASSIFIER
-    weights = [sha256_file(Path(w)) for w in (as_spec(job_classifier).weights, as_spec(embedder).weights)
-               if Path(w).is_file()]
+    job_classifier = NO_CLASSIFIER if head else config.classifier  # the head supplies the classes
+    files = [as_spec(spec).weight_file for spec in (config.classifier, embedder) if spec != "head"]
+    weights = [sha256_file(f) for f in files if f is not None and f.is_file()]
     key = hashlib.sha1((f"{config.classifier}|{embedder}|{split_key}|{config.classes}" +
                         (f"|{weights}" if weights else "")).encode()).hexdigest()[:12]
     folder = out / "runs" / key

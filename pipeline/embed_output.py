@@ -26,6 +26,7 @@ from pipeline.manifests import EmbeddingManifest, ModelSet
 from pipeline.models import (
     DEFAULT_CLASSIFIER,
     DEFAULT_EMBEDDER,
+    NO_CLASSIFIER,
     as_spec,
     head_for,
     load_classifier,
@@ -103,7 +104,10 @@ class EmbedConfig:
             raise ValueError(f"--decode must be cpu or device, got {self.decode}")
         if self.decode == "device" and self.stages != "fused":
             raise ValueError("--decode device needs --stages fused (decoded images stay on the model's device)")
-        if as_spec(self.classifier).library == "head" and self.stages != "fused":
+        if self.classifier == NO_CLASSIFIER:
+            if self.stages != "fused":
+                raise ValueError("--classifier none (embeddings only) runs one model stage: use --stages fused")
+        elif as_spec(self.classifier).library == "head" and self.stages != "fused":
             raise ValueError("a classifier head (head:PATH) runs inside the embedder: use --stages fused")
         as_spec(self.embedder)
         if self.compile is not None:
@@ -220,20 +224,27 @@ def describe_models(config: EmbedConfig) -> ModelSet:
     The weights are only located here (a missing file fails now, not in every actor); the models
     are built with random weights on the CPU to read their configuration.
     """
-    for spec in (config.classifier, config.embedder):
+    none = config.classifier == NO_CLASSIFIER
+    for spec in (config.embedder,) if none else (config.classifier, config.embedder):
         locate_weights(spec)
-    cls_spec, emb_spec = as_spec(config.classifier), as_spec(config.embedder)
+    emb_spec = as_spec(config.embedder)
     cpu = select_runtime("cpu")
     # A triplet-trained embedder's size and resolution live in its file (small, so load it).
     embedder = load_embedder(emb_spec if trained_embedding_metadata(emb_spec)
                              else dataclasses.replace(emb_spec, weights="random"), cpu)
-    if cls_spec.library == "head":  # small: load it, and check it takes this embedder's vectors
-        classifier = head_for(cls_spec, embedder, embedder_spec=str(emb_spec))
+    if none:
+        facts = {"spec": NO_CLASSIFIER, "label_space": None, "num_classes": 0,
+                 "preprocess": dataclasses.asdict(embedder.preprocess)}
     else:
-        classifier = load_classifier(dataclasses.replace(cls_spec, weights="random"), cpu)
+        cls_spec = as_spec(config.classifier)
+        if cls_spec.library == "head":  # small: load it, and check it takes this embedder's vectors
+            classifier = head_for(cls_spec, embedder, embedder_spec=str(emb_spec))
+        else:
+            classifier = load_classifier(dataclasses.replace(cls_spec, weights="random"), cpu)
+        facts = {"spec": str(cls_spec), "label_space": classifier.labels.name, "num_classes": len(classifier.labels),
+                 "preprocess": dataclasses.asdict(classifier.preprocess)}
     return ModelSet(
-        classifier={"spec": str(cls_spec), "label_space": classifier.labels.name,
-                    "num_classes": len(classifier.labels), "preprocess": dataclasses.asdict(classifier.preprocess)},
+        classifier=facts,
         embedder={"spec": str(emb_spec), "dim": embedder.dim, "metric": "inner_product", "normalized": True,
                   "preprocess": dataclasses.asdict(embedder.preprocess)})
 

@@ -259,7 +259,11 @@ def test_a_head_classifier_runs_inside_the_embedder_and_keys_the_index_by_labels
     from pipeline.models import load_head
 
     made = make_class_folders(tmp_path / "data", classes=3, per_class=6)
-    run(config([tmp_path / "data"], tmp_path / "first", top_n=1))
+    # Embeddings only (--classifier none): no classes, and an index of it needs a head.
+    run(config([tmp_path / "data"], tmp_path / "first", classifier="none"))
+    assert {len(row["classes"]) for row in read_rows(tmp_path / "first").values()} == {0}
+    assert build_main(["--embeddings", str(tmp_path / "first"), "--output", str(tmp_path / "no-index")]) == 2
+    assert "embedded without a classifier" in capsys.readouterr().err
     head_file = tmp_path / "head.safetensors"
     assert train_main(["--embeddings", str(tmp_path / "first"), "--output", str(head_file), "--epochs", "5"]) == 0
     spec = f"head:{head_file}"

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from pipeline.labels import LabelSpace, load_label_space
 from pipeline.manifests import ModelSet
-from pipeline.models import ClassHead, load_head
+from pipeline.models import NO_CLASSIFIER, ClassHead, load_head
 from pipeline.storage import Location
 
 #: The class of rows that no class search reaches (no label, or one the classifier does not know).
@@ -134,6 +134,9 @@ def resolve_keying(models: ModelSet, parts: list[Location], source: str | None =
         models = dataclasses.replace(models, classifier=classifier_facts(head, models.embedder))
     elif models.spec("classifier").startswith("head:"):
         head = load_head(models.spec("classifier"))
+    elif models.spec("classifier") == NO_CLASSIFIER:
+        raise ValueError("the output was embedded without a classifier (--classifier none): give the index a query "
+                         "classifier, a head fitted on it (python -m jobs.train_classifier; --classifier head:PATH)")
     space = models.classifier.get("label_space")
     vocabulary = head.labels if head else load_label_space(space) if space else None
     labels = gallery_labels(parts) if source != "predicted" else []

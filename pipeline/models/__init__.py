@@ -16,7 +16,15 @@ from pipeline.models.embedder import Embedder, create_open_clip_model, load_embe
 from pipeline.models.fused import ImageModels, head_for, load_image_models
 from pipeline.models.head import ClassHead, HeadNet, head_spec, load_head, save_head
 from pipeline.models.runtime import Runtime, prepare_model, select_runtime, to_model_input
-from pipeline.models.spec import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, EMBEDDING_FORMAT, LIBRARIES, ModelSpec, as_spec
+from pipeline.models.spec import (
+    DEFAULT_CLASSIFIER,
+    DEFAULT_EMBEDDER,
+    EMBEDDING_FORMAT,
+    LIBRARIES,
+    NO_CLASSIFIER,
+    ModelSpec,
+    as_spec,
+)
 from pipeline.models.timm_models import create_timm_model, timm_preprocess
 from pipeline.models.weights import (
     WeightSources,
@@ -30,7 +38,7 @@ from pipeline.models.weights import (
 )
 
 __all__ = [
-    "DEFAULT_CLASSIFIER", "DEFAULT_EMBEDDER", "EMBEDDING_FORMAT", "LIBRARIES", "MODEL_CONFIG_DIR",
+    "DEFAULT_CLASSIFIER", "DEFAULT_EMBEDDER", "EMBEDDING_FORMAT", "LIBRARIES", "MODEL_CONFIG_DIR", "NO_CLASSIFIER",
     "ClassHead", "Classifier", "CropPolicy", "Detections", "Detector", "Embedder", "ImageModels", "ModelSpec", "Runtime",
     "WeightSources", "as_spec", "choose_crop", "convert_efficientnet_pytorch", "create_open_clip_model",
     "HeadNet", "create_timm_model", "crop_image", "head_for", "head_spec", "load_head", "save_head", "load_classifier", "load_detector", "load_embedder",

@@ -14,7 +14,7 @@ from pipeline.models.classifier import Classifier, load_classifier
 from pipeline.models.embedder import Embedder, load_embedder, pooled_dim
 from pipeline.models.head import ClassHead, load_head
 from pipeline.models.runtime import Runtime, select_runtime, to_model_input
-from pipeline.models.spec import ModelSpec, as_spec
+from pipeline.models.spec import NO_CLASSIFIER, ModelSpec, as_spec
 
 
 class _PreLogits(torch.nn.Module):
@@ -42,7 +42,7 @@ class ImageModels:
             both outputs (half the compute of two passes).
     """
 
-    classifier: Classifier | ClassHead
+    classifier: Classifier | ClassHead | None   # None: embeddings only (NO_CLASSIFIER)
     embedder: Embedder
     shared: bool = False
 
@@ -54,7 +54,7 @@ class ImageModels:
     @property
     def one_input(self) -> bool:
         """Both outputs come from the images at ``inputs["cls"]`` (``image_emb`` is not read)."""
-        return self.shared or self.head
+        return self.shared or self.head or self.classifier is None
 
     def __post_init__(self) -> None:
         if self.shared and (self.classifier.spec != self.embedder.spec or self.classifier.spec.library != "timm"):
@@ -64,12 +64,13 @@ class ImageModels:
     @property
     def inputs(self) -> dict[str, Preprocess]:
         """Model input name -> the preprocess of its images: ``cls`` (classifier), ``emb`` (embedder)."""
-        return {"cls": self.classifier.preprocess, "emb": self.embedder.preprocess}
+        return {"cls": self.embedder.preprocess if self.classifier is None else self.classifier.preprocess,
+                "emb": self.embedder.preprocess}
 
     @property
     def runtime(self) -> Runtime:
         """Device and precision of both models."""
-        return self.classifier.runtime
+        return self.embedder.runtime
 
     def classify_and_embed(self, images_cls: np.ndarray | torch.Tensor, images_emb: np.ndarray | torch.Tensor | None,
                            top_n: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,8 +90,10 @@ class ImageModels:
         Raises:
             ValueError: ``top_n`` below 1, images at the wrong size, or no ``images_emb`` for two models.
         """
-        if self.head:
+        if self.head or self.classifier is None:
             vectors = self.embedder.embed_images(images_cls if images_emb is None else images_emb)
+            if self.classifier is None:  # embeddings only: no classes
+                return np.zeros((len(vectors), 0), np.int32), np.zeros((len(vectors), 0), np.float32), vectors
             return (*self.classifier.classify_vectors(vectors, top_n), vectors)
         if not self.shared:
             if images_emb is None:
@@ -117,7 +120,8 @@ def load_image_models(classifier_spec: str | ModelSpec, embedder_spec: str | Mod
 
     Args:
         classifier_spec: a ``timm:`` classifier spec (see :func:`load_classifier`), or a head
-            (``head:PATH``) fitted on this embedder's vectors.
+            (``head:PATH``) fitted on this embedder's vectors, or ``none`` (:data:`NO_CLASSIFIER`:
+            embeddings only, no classes).
         embedder_spec: an embedder spec (see :func:`load_embedder`).
         runtime: device and precision of both; :func:`select_runtime` by default.
 
@@ -125,8 +129,10 @@ def load_image_models(classifier_spec: str | ModelSpec, embedder_spec: str | Mod
         ValueError: a spec the loaders cannot use.
         FileNotFoundError: no weights found.
     """
-    classifier_spec, embedder_spec = as_spec(classifier_spec), as_spec(embedder_spec)
     runtime = runtime or select_runtime()
+    if classifier_spec == NO_CLASSIFIER:
+        return ImageModels(None, load_embedder(embedder_spec, runtime))
+    classifier_spec, embedder_spec = as_spec(classifier_spec), as_spec(embedder_spec)
     if classifier_spec.library == "head":
         embedder = load_embedder(embedder_spec, runtime)
         return ImageModels(head_for(classifier_spec, embedder), embedder)

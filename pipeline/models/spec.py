@@ -27,6 +27,9 @@ EMBEDDING_FORMAT = "lookalike-embedding"
 DEFAULT_CLASSIFIER = "timm:tf_efficientnet_lite0"
 #: Its pooled 1280-d features, the embedder used when no CLIP weights are available.
 DEFAULT_EMBEDDER = "timm:tf_efficientnet_lite0"
+#: The classifier "spec" of an embedding job that runs no classifier (embeddings only; its rows
+#: have no predicted classes, so an index of it is keyed by labels through a classifier head).
+NO_CLASSIFIER = "none"
 
 
 @dataclass(frozen=True)
