@@ -10,6 +10,11 @@
   (c) the Ray Data job (``jobs.embed``), steady state and end to end, for each --stages choice
       (and ``--decode device``), and per number of model actors (``--sweep-actors``);
 and prints images/s and the ratios to (a) and (b); ``--plot FILE.png`` draws the two sweeps.
+``--compare-classifiers`` adds, in the same run, what the classes cost: the embedder alone
+(``--classifier none``), the embedder with a classifier head (a linear head over its vectors with
+``--head-classes`` classes and random weights: a head's cost depends only on its size), and the
+embedder with ``--classifier`` (a second network unless it is the embedder's own timm model), each
+(d) pipelined in turn, rounds interleaved, and (c) as a Ray Data job.
 ``--skip-ray`` measures (a), (b), (b'), (d) and (d') only: the pipeline stages directly, where Ray
 is absent (ray and pipeline.embed_job are imported only for (c)). (d)/(a) and (d')/(a) are the end-to-end-from-JPEG-bytes ratios of one model device.
 """
@@ -31,7 +36,16 @@ import torch
 from jobs.benchmark.runner import batch_slices, machine
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_image
 from pipeline.model_stages import ClassifyAndEmbed, DecodeOnDevice, ModelSettings
-from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER, select_runtime
+from pipeline.models import (
+    DEFAULT_CLASSIFIER,
+    DEFAULT_EMBEDDER,
+    NO_CLASSIFIER,
+    HeadNet,
+    as_spec,
+    save_head,
+    seeded,
+    select_runtime,
+)
 from pipeline.sources import discover_shards, read_shard
 
 
@@ -77,12 +91,7 @@ def bench_batch(args: argparse.Namespace) -> dict:
                              ModelSettings(device=runtime.device, precision=args.precision, compile=args.compile))
     cls_pre, emb_pre = stage.models.inputs["cls"], stage.models.inputs["emb"]
 
-    def decode_batch(chunk: list[bytes]) -> dict[str, np.ndarray]:
-        draft = max(cls_pre.draft_size, emb_pre.draft_size)
-        decoded = [decode_image(d, max_pixels=DEFAULT_MAX_PIXELS, draft_size=draft) for d in chunk]
-        cls = np.stack([resize_image(im, cls_pre) for im in decoded])
-        emb = cls if emb_pre == cls_pre else np.stack([resize_image(im, emb_pre) for im in decoded])
-        return {"id": np.arange(len(chunk)), "image_cls": cls, "image_emb": emb}
+    decode_batch = _decoder(cls_pre, emb_pre)
 
     results: dict = {"images": n, "batch_size": args.batch_size, "threads": threads, "compile": args.compile,
                      "classifier": args.classifier, "embedder": args.embedder, "device": runtime.device,
@@ -177,9 +186,50 @@ def bench_batch(args: argparse.Namespace) -> dict:
     errors.cleanup()
     results["decode_workers"] = workers
     results["batch_size_sweep"] = _batch_size_sweep(stage, decode_batch, data, args.sweep_batch_sizes)
-    if not args.skip_ray:
-        results.update(_ray_jobs(args, data, cpu_threads=None if runtime.device != "cpu" else threads))
+    with tempfile.TemporaryDirectory() as scratch:
+        classifiers = _classifier_settings(args, stage.models.embedder.dim, Path(scratch)) \
+            if args.compare_classifiers else []
+        if classifiers:
+            results["classifiers"] = {"head_classes": args.head_classes, "pipelined_images_per_s": {},
+                                      "pipelined_rounds": {}}
+            stages = {name: ClassifyAndEmbed(spec, args.embedder, ModelSettings(
+                device=runtime.device, precision=args.precision, compile=args.compile)) for name, spec in classifiers}
+            decoders = {name: _decoder(s.models.inputs["cls"], s.models.inputs["emb"]) for name, s in stages.items()}
+            for name, s in stages.items():  # warm-up
+                s(decoders[name](data[: args.batch_size]))
+            runs: dict[str, list[float]] = {name: [] for name in stages}
+            for _ in range(args.rounds):  # in turn, so that a drift of the machine's speed hits all of them
+                for name, s in stages.items():
+                    runs[name].append(pipelined(decoders[name], s, workers)[0])
+            for name, rates in runs.items():
+                results["classifiers"]["pipelined_images_per_s"][name] = sorted(rates)[len(rates) // 2]
+                results["classifiers"]["pipelined_rounds"][name] = [round(r, 2) for r in rates]
+        if not args.skip_ray:
+            results.update(_ray_jobs(args, data, cpu_threads=None if runtime.device != "cpu" else threads,
+                                     classifiers=classifiers))
     return results
+
+
+def _decoder(cls_pre, emb_pre):
+    """Decodes and resizes a chunk of encoded images for a stage's two inputs (one resize when equal)."""
+    def decode_batch(chunk: list[bytes]) -> dict[str, np.ndarray]:
+        draft = max(cls_pre.draft_size, emb_pre.draft_size)
+        decoded = [decode_image(d, max_pixels=DEFAULT_MAX_PIXELS, draft_size=draft) for d in chunk]
+        cls = np.stack([resize_image(im, cls_pre) for im in decoded])
+        emb = cls if emb_pre == cls_pre else np.stack([resize_image(im, emb_pre) for im in decoded])
+        return {"id": np.arange(len(chunk)), "image_cls": cls, "image_emb": emb}
+
+    return decode_batch
+
+
+def _classifier_settings(args: argparse.Namespace, dim: int, scratch: Path) -> list[tuple[str, str]]:
+    """``(name, classifier spec)`` of --compare-classifiers: none, a random-weight linear head of
+    ``--head-classes`` classes over the embedder's vectors (written to ``scratch``), ``--classifier``."""
+    with seeded(0):
+        net = HeadNet(dim, args.head_classes)
+    labels = [f"class_{i}" for i in range(args.head_classes)]
+    head = save_head(scratch / "head.safetensors", net, labels, 1.0, str(as_spec(args.embedder)), 0.0)
+    return [("embed only", NO_CLASSIFIER), ("embed + head", head), (f"embed + {args.classifier}", args.classifier)]
 
 
 def _batch_size_sweep(stage, decode_batch, data: list[bytes], sizes: list[int]) -> list[dict]:
@@ -194,10 +244,12 @@ def _batch_size_sweep(stage, decode_batch, data: list[bytes], sizes: list[int]) 
     return rows
 
 
-def _ray_jobs(args: argparse.Namespace, data: list[bytes], cpu_threads: int | None) -> dict:
+def _ray_jobs(args: argparse.Namespace, data: list[bytes], cpu_threads: int | None,
+              classifiers: list[tuple[str, str]] = ()) -> dict:
     """(c) the Ray Data job on a fresh output folder, once per stage layout, ``--decode device`` and
-    actor count, on the very same images as (a) and (b), copied to one folder the job reads.
-    ``cpu_threads``: the torch threads to split between the actors (None: not on CPUs)."""
+    actor count, and per ``classifiers`` setting, on the very same images as (a) and (b), copied to
+    one folder the job reads. ``cpu_threads``: the torch threads to split between the actors (None:
+    not on CPUs)."""
     # Lazy: ray is needed only here; --skip-ray runs on a machine without Ray installed (a bare GPU box).
     import ray
 
@@ -212,9 +264,9 @@ def _ray_jobs(args: argparse.Namespace, data: list[bytes], cpu_threads: int | No
         for i, blob in enumerate(data):
             (images / f"{i:06d}.img").write_bytes(blob)
 
-        def job(name: str, **kwargs) -> dict:
+        def job(name: str, classifier: str = args.classifier, **kwargs) -> dict:
             summary = run(EmbedConfig(inputs=(str(images),), output=str(Path(scratch) / f"out-{name}"),
-                                      classifier=args.classifier, embedder=args.embedder,
+                                      classifier=classifier, embedder=args.embedder,
                                       precision=args.precision, compile=args.compile, **kwargs))
             if summary["counts"]["embedded"] != n:
                 raise RuntimeError(f"the job embedded {summary['counts']['embedded']} of {n} images")
@@ -226,6 +278,9 @@ def _ray_jobs(args: argparse.Namespace, data: list[bytes], cpu_threads: int | No
             results[f"ray_{layout}"] = job(layout, batch_size=args.batch_size, stages=layout)
         if "device" in args.decode:
             results["ray_fused_device_decode"] = job("device", batch_size=args.batch_size, decode="device")
+        for i, (name, spec) in enumerate(classifiers):
+            results.setdefault("classifiers_ray", {})[name] = job(f"classifier{i}", classifier=spec,
+                                                                  batch_size=args.batch_size)
         # Throughput vs the number of model actors (threads split evenly between them on CPUs).
         results["actors_sweep"] = [
             {"actors": a, **job(f"actors{a}", batch_size=args.batch_size, num_actors=a,
@@ -293,6 +348,19 @@ def print_batch(results: dict) -> None:
         steady = actors_row["steady_images_per_s"] or 0
         print(f"(c) Ray Data, {actors_row['actors']} model actor(s), steady "
               f"{steady:>9.1f}{steady / a:>9.2f}{steady / b:>9.2f}")
+    compared = results.get("classifiers")
+    if compared:
+        print(f"\nwhat the classes cost (embedder {results['embedder']}; head: linear, {compared['head_classes']} "
+              f"classes), images/s and the ratio to embed only, same run:")
+        piped = compared["pipelined_images_per_s"]
+        ray_rows = results.get("classifiers_ray", {})
+        base, ray_base = piped.get("embed only"), (ray_rows.get("embed only") or {}).get("steady_images_per_s")
+        for name, rate in piped.items():
+            line = f"  {name:<40}(d) {rate:>8.1f} {rate / base:>6.2f}x"
+            steady = (ray_rows.get(name) or {}).get("steady_images_per_s")
+            if steady and ray_base:
+                line += f"   (c) Ray Data steady {steady:>8.1f} {steady / ray_base:>6.2f}x"
+            print(line)
 
 
 def report_batch(results: dict, args: argparse.Namespace) -> None:
@@ -307,6 +375,8 @@ def check_batch(args: argparse.Namespace) -> str | None:
         return "--limit and --batch-size must be >= 1"
     if min([*args.sweep_batch_sizes, *args.sweep_actors, args.rounds]) < 1:
         return "sweep values must be >= 1"
+    if args.head_classes < 2:
+        return "--head-classes must be >= 2"
     return None
 
 
@@ -337,3 +407,7 @@ def add_arguments(batch: argparse.ArgumentParser) -> None:
     batch.add_argument("--sweep-actors", type=int, nargs="*", default=[1, 2],
                        help="model actor counts for the job sweep (default: 1 2)")
     batch.add_argument("--plot", type=Path, help="write the sweeps as a PNG plot")
+    batch.add_argument("--compare-classifiers", action="store_true",
+                       help="also measure embed only / embed + a classifier head / embed + --classifier, same run")
+    batch.add_argument("--head-classes", type=int, default=1000,
+                       help="classes of the head in --compare-classifiers (default: 1000)")
