@@ -195,8 +195,13 @@ def gain_bounds(per_query: np.ndarray, confidence: float, seed: int = 0) -> np.n
         confidence: 0 gives the measured gains themselves.
         seed: of the resampling.
     """
-    diffs = np.asarray(per_query, dtype=np.float64) - per_query[0]
-    measured = diffs.mean(axis=1)
+    per_query = np.asarray(per_query, dtype=np.float64)
+    return _lower_bounds(per_query - per_query[0], confidence, seed)
+
+
+def _lower_bounds(diffs: np.ndarray, confidence: float, seed: int) -> np.ndarray:
+    """Simultaneous lower confidence bounds on the means of the rows of ``diffs`` (rows, queries)."""
+    measured = diffs.mean(axis=1) if diffs.shape[1] else np.zeros(len(diffs))
     if confidence <= 0 or diffs.shape[1] == 0:
         return measured
     queries = diffs.shape[1]
@@ -206,15 +211,25 @@ def gain_bounds(per_query: np.ndarray, confidence: float, seed: int = 0) -> np.n
 
 
 def recommend(per_query: np.ndarray, min_gain: float = 0.0, confidence: float = 0.95, seed: int = 0) -> int:
-    """The strategy to recommend: the best (highest mean; the earliest, simplest, among equals) of
-    those whose gain over global (row 0) has a lower confidence bound (:func:`gain_bounds`) above
-    ``min_gain``, else global. On a few queries no gain is significant and the answer is global;
-    on many, a real gain is picked up."""
+    """The strategy to recommend (an index into the sweep, whose row 0 is global and whose order is
+    simplest first).
+
+    The candidates are global and the strategies whose gain over global has a lower confidence bound
+    (:func:`gain_bounds`) above ``min_gain``. Among them, the simplest (earliest) one that is not
+    significantly worse than the best of them (the lower bound of the best's gain over it is not
+    above 0) is recommended: on a few queries no gain is significant and the answer is
+    global, on many a real gain is picked up, and of several strategies that measure the same
+    within the noise the simplest wins.
+    """
     per_query = np.asarray(per_query, dtype=np.float64)
     bounds = gain_bounds(per_query, confidence, seed)
-    eligible = [0] + [s for s in range(1, len(per_query)) if bounds[s] > min_gain]
-    means = per_query.mean(axis=1) if per_query.shape[1] else np.zeros(len(per_query))
-    return eligible[best_strategy([means[s] for s in eligible])]
+    candidates = [0] + [s for s in range(1, len(per_query)) if bounds[s] > min_gain]
+    if len(candidates) == 1 or per_query.shape[1] == 0:
+        return 0
+    means = per_query.mean(axis=1)
+    best = candidates[best_strategy([means[s] for s in candidates])]
+    behind = _lower_bounds(per_query[best] - per_query[candidates], confidence, seed + 1)
+    return next(s for s, bound in zip(candidates, behind) if bound <= 0)
 
 
 def retrieved_labels(results: list, k: int) -> np.ndarray:

@@ -178,6 +178,12 @@ def test_the_recommendation_is_global_unless_another_gains_significantly() -> No
     assert recommend(np.stack([glob[:20], small[:20]])) == 0
     # Confidence 0 and a negative least gain: whatever measures best.
     assert recommend(np.stack([glob, noise]), min_gain=-1, confidence=0) == int(noise.mean() > glob.mean())
+    # Of two strategies that both beat global, the simpler (earlier) one unless the other is
+    # significantly better than it too.
+    wobble = rng.normal(0.0, 0.05, 400)
+    alike = better + wobble - wobble.mean() + 0.001            # 0.001 better on average, within the noise
+    assert recommend(np.stack([glob, better, alike])) == 1
+    assert recommend(np.stack([glob, better, better + 0.03])) == 2
     bounds = gain_bounds(np.stack([glob, better, glob]), 0.95)
     assert bounds[0] <= 1e-12 and bounds[1] == pytest.approx(0.05, abs=1e-9) and bounds[2] <= 0
 
