@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: Parts are kept in memory between epochs up to this many bytes of vectors; the rest are read again.
 CACHE_BYTES = 2 * 2**30
+#: Training rows are shuffled across parts in a buffer of this many batches.
+SHUFFLE_BATCHES = 64
 
 
 @dataclass(frozen=True)
@@ -144,15 +146,34 @@ def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
         return found
 
     def batches(order_seed: int, held: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the training (or held-out) rows: parts in a seeded order through a shuffle
+        buffer of :data:`SHUFFLE_BATCHES` batches (outputs are written in many small parts)."""
         rng = np.random.default_rng(order_seed)
-        for p in rng.permutation(len(parts)) if not held else range(len(parts)):
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+
+        def drain(final: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            xs.clear()
+            ys.clear()
+            order = np.arange(len(y)) if held else rng.permutation(len(y))
+            full = len(y) if final else len(y) // settings.batch_size * settings.batch_size
+            for s in range(0, full, settings.batch_size):
+                take = order[s: min(s + settings.batch_size, full)]
+                yield torch.from_numpy(x[take]), torch.from_numpy(y[take])
+            if full < len(y):  # the rest waits for the next parts
+                xs.append(x[order[full:]])
+                ys.append(y[order[full:]])
+
+        for p in range(len(parts)) if held else rng.permutation(len(parts)):
             flags, classes, vectors = part(p)
             keep = flags == held
-            x, y = vectors[keep], classes[keep]
-            order = rng.permutation(len(y)) if not held else np.arange(len(y))
-            for s in range(0, len(y), settings.batch_size):
-                take = order[s: s + settings.batch_size]
-                yield torch.from_numpy(x[take]), torch.from_numpy(y[take])
+            xs.append(vectors[keep])
+            ys.append(classes[keep])
+            if sum(len(y) for y in ys) >= SHUFFLE_BATCHES * settings.batch_size:
+                yield from drain(final=False)
+        if ys:
+            yield from drain(final=True)
 
     dim = part(0)[2].shape[1]
     torch.manual_seed(settings.seed)
