@@ -35,7 +35,7 @@ test-fast: install
 # plus scikit-image's photos), the offline EfficientNet-Lite0 classifier and its pooled features.
 # Then retrieval quality: a quick evaluation by default (200 digits per class, 150 fine-tuning
 # steps: about 9 min in all on 2 CPUs); `make demo FULL=1` runs the full one (all 5,000 digits,
-# 400 steps: about 15 min), whose figures README reports.
+# 400 steps: about 15 min), whose figures docs/QUALITY.md reports.
 ifdef FULL
 EVAL_SET   := mnist5000
 EVAL_FLAGS :=

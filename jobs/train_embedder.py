@@ -6,7 +6,7 @@
 
 FOLDER holds one sub-folder of images per class (``jobs.evaluate`` writes its gallery split so).
 Batches are class-balanced (``--classes-per-batch`` x ``--per-class``); the loss is the
-multi-similarity loss (default: it beat triplet loss on both datasets measured, see README), the
+multi-similarity loss (default: it beat triplet loss on both datasets measured, see docs/QUALITY.md), the
 triplet loss with batch-hard (or semi-hard) mining, or the supervised contrastive loss.
 ``OUT/checkpoint.pt`` is written every ``--checkpoint-every`` steps and a re-run resumes from it
 (raise ``--steps`` to train longer). The result, ``OUT/embedder.safetensors``, is an embedder spec:

@@ -1,6 +1,6 @@
 """Search strategies: which part of the gallery a query searches, and how its results are ordered.
 
-    global          embedding similarity over the whole gallery (the default: see README's table)
+    global          embedding similarity over the whole gallery (the default: see docs/QUALITY.md)
     class@N         Approach 2: among the gallery images of the query's top N predicted classes
     gated@N:TAU     class@N when the classifier's top-1 probability is at least TAU, else global
                     (TAU = 0 is class@N; TAU >= 1 never searches a class: global)

@@ -7,7 +7,7 @@ against float32; and, with ``--compare-autofaiss``, autofaiss's index built on t
 whose memory is measured); autofaiss, optional, is imported only for ``--compare-autofaiss``.
 
 The synthetic gallery follows what real embeddings measure (this project's EfficientNet-Lite0
-features of MNIST, Fashion-MNIST and the demo images, README "Index at scale"):
+features of MNIST, Fashion-MNIST and the demo images, docs/PERFORMANCE.md "Index at scale"):
 
 - class centres are related, not random: they share a common direction (embeddings fill a narrow
   cone: two images have cosine 0.5-0.75 on average there, two class centres 0.6-0.98)

@@ -13,7 +13,7 @@ resume that finds everything done. It reports
 
 With a near-free model the images/s is the orchestration's ceiling (read tasks, decode tasks,
 actor calls, part writes), not a model's speed. The per-tar and per-image figures are what the
-README extrapolates to ImageNet-22k's 14M images.
+docs/PERFORMANCE.md extrapolates to ImageNet-22k's 14M images.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ GLOBAL_INDEX_TYPES = ("auto", "flat", "hnsw-sq8", "ivf", "ivfpq", "hnsw")
 #: "auto" keeps exact (flat) search for shards up to this many rows, HNSW over 8-bit codes above.
 AUTO_FLAT_MAX_ROWS = 50_000
 #: Classes with at least this many rows get their own HNSW index (``IndexConfig.head_min_rows``);
-#: chosen with ``python -m jobs.benchmark index`` (README, "Index at scale").
+#: chosen with ``python -m jobs.benchmark index`` (docs/PERFORMANCE.md, "Index at scale").
 HEAD_MIN_ROWS = 5_000
 
 
@@ -65,8 +65,8 @@ class SearchParams:
     """How approximate indexes are searched; the one place these are set. An index records the ones
     it was built with (manifest ``search``); ``ShardedIndex.load(search=...)`` overrides them.
 
-    The defaults are the ones ``python -m jobs.benchmark index`` chose on 1M vectors (README,
-    "Index at scale"): the smallest global breadth reaching recall@10 0.95, and the largest head
+    The defaults are the ones ``python -m jobs.benchmark index`` chose on 1M vectors
+    (docs/PERFORMANCE.md, "Index at scale"): the smallest global breadth reaching recall@10 0.95, and the largest head
     breadth whose class searches keep p99 under 1 ms.
 
     Attributes:
