@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.files import replace_atomically
 from pipeline.images import Preprocess
 from pipeline.labels import LabelSpace
 from pipeline.models.runtime import Runtime, select_runtime
@@ -96,13 +97,12 @@ def save_head(path: str | Path, net: HeadNet, labels: list[str], temperature: fl
               accuracy: float, names: list[str] | None = None) -> str:
     """Writes a head file (atomically) and returns its spec."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": HEAD_FORMAT, "labels": json.dumps(labels), "names": json.dumps(names or labels),
                 "temperature": repr(float(temperature)), "embedder": embedder, "accuracy": repr(float(accuracy)),
                 "dim": str(net.dim), "hidden": str(net.hidden)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with replace_atomically(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata=metadata)
     return head_spec(path)
 
 
