@@ -4,7 +4,8 @@
                                [--global-index auto|flat|hnsw-sq8|ivf|ivfpq|hnsw] [--head-min-rows N]
                                [--vector-dtype float32|float16] [--ef-search N] [--head-ef-search N] [--refine N]
                                [--classes labels|predicted] [--classifier head:PATH]
-                               [--append] [--ray] [--strategy NAME|FILE]
+                               [--append | --update] [--ray] [--strategy NAME|FILE]
+    python -m jobs.build_index --output INDEX --delete FILE            # takedown: ids or URIs, one a line
     python -m jobs.build_index --output INDEX --strategy NAME|FILE     # set it on an existing index
 
 Rows are grouped by class: ``--classes labels``, the gallery's own labels (folder names, synset tar
@@ -17,7 +18,13 @@ classifier head (``jobs.train_classifier``) the index's query classifier: the ou
 from its stored vectors, nothing is embedded again. Each class gets a contiguous range inside one
 shard; shards are cut at class boundaries. Classes of at least ``--head-min-rows`` images get their own
 HNSW index for class-restricted search. ``--append`` adds a new embedding output to an existing index,
-rebuilding only the shards whose classes gained images. ``--ray`` builds shards in parallel as
+rebuilding only the shards whose classes gained images. ``--update`` applies what the runs of an
+embedding output changed since the index last saw it (their change logs: new images added, changed
+ones replaced, deleted ones gone); ``--delete FILE`` removes images at once (a takedown). Every
+build, append, update or delete publishes a new immutable version of the index (new files under
+new names, the pointer ``manifest.json`` written last), so a reader or a serving replica never
+sees a half-written one; deleted rows are tombstones that no search returns, compacted away when
+a shard's deleted fraction passes ``--compact-at``. ``--ray`` builds shards in parallel as
 Ray tasks (for large builds; connects to the cluster under ``ray job submit``). ``--strategy``
 records the search strategy that ``jobs.search`` and the service use by default (a name, or the
 file ``jobs.evaluate --recommend`` writes); an index without one is searched globally.
@@ -27,17 +34,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
 
+import numpy as np
 import ray
 
 from pipeline.files import check_output_folder
-from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, SearchParams, append_index, build_index
+from pipeline.index import GLOBAL_INDEX_TYPES, IndexConfig, SearchParams, build_index, live_ids, update_index
 from pipeline.index.faiss_index import HEAD_MIN_ROWS
 from pipeline.index.keying import CLASS_SOURCES, UNLABELLED
-from pipeline.manifests import IndexManifest
+from pipeline.index.versions import GRACE_S, KEEP_VERSIONS, publish
+from pipeline.manifests import IndexManifest, now
+from pipeline.sources import uri_id
 from pipeline.storage import Location
 from pipeline.strategy import Strategy
 
@@ -86,7 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier",
                         help="a classifier head (head:PATH, from jobs.train_classifier) to use as the index's query "
                              "classifier; re-keys the output from its stored vectors (default: the output's classifier)")
-    parser.add_argument("--append", action="store_true", help="add to the existing index at --output")
+    change = parser.add_mutually_exclusive_group()
+    change.add_argument("--append", action="store_true", help="add the output's images the index lacks (a new version)")
+    change.add_argument("--update", action="store_true",
+                        help="apply the output's change logs since the index last saw it: add new images, replace "
+                             "changed ones, remove deleted ones (a new version)")
+    parser.add_argument("--delete", metavar="FILE",
+                        help="remove these images from the index at --output (a new version): a file of image ids "
+                             "or URIs, one a line; - reads standard input")
+    parser.add_argument("--compact-at", type=float, default=0.2,
+                        help="rebuild a shard without its deleted rows once they pass this fraction of it "
+                             "(default: 0.2)")
+    parser.add_argument("--keep-versions", type=int, default=KEEP_VERSIONS,
+                        help=f"versions kept however old (default: {KEEP_VERSIONS}); older ones are removed "
+                             f"--grace seconds after their successor is published")
+    parser.add_argument("--grace", type=float, default=GRACE_S,
+                        help=f"seconds a superseded version stays readable (default: {GRACE_S:.0f})")
     parser.add_argument("--ray", action="store_true", help="build shards in parallel as Ray tasks")
     parser.add_argument("--strategy", help="default search strategy: global, class[@N], gated[@N]:TAU, rerank:BETA "
                                            "or a jobs.evaluate --recommend file (default: global)")
@@ -102,16 +128,21 @@ def main(argv: list[str] | None = None) -> int:
                              pq_m=args.pq_m, head_min_rows=args.head_min_rows or None)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.delete is not None:
+        if args.embeddings is not None or args.append or args.update:
+            parser.error("--delete takes only --output (apply an output's own deletions with --update)")
+        return _delete(output, args)
     if args.embeddings is None:
         if strategy is None:
-            parser.error("give --embeddings (to build or --append), or --strategy to set an existing index's")
+            parser.error("give --embeddings (to build, --append or --update), --delete FILE, or --strategy to set "
+                         "an existing index's")
         try:
-            manifest = replace(IndexManifest.read(output), strategy=strategy)
+            old = IndexManifest.read(output)
+            manifest = publish(output, replace(old, strategy=strategy, version=old.version + 1, created=now()))
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        manifest.write(output)
-        print(f"index {output}: default strategy {strategy['name']}")
+        print(f"index {output}: default strategy {strategy['name']} (version {manifest.version})")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -122,10 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     mapper = _ray_mapper() if args.ray else map
     start = time.perf_counter()
     try:
-        if args.append:
+        if args.append or args.update:
             if args.classes or args.classifier:
-                raise ValueError("--append keys new rows as the index was keyed: drop --classes and --classifier")
-            manifest = append_index(args.embeddings, output, mapper=mapper, strategy=strategy)
+                raise ValueError("--append and --update key new rows as the index was keyed: drop --classes and "
+                                 "--classifier")
+            before = IndexManifest.read(output)
+            manifest = update_index(output, args.embeddings, only_new=args.append, mapper=mapper, strategy=strategy,
+                                    compact_at=args.compact_at, keep_versions=args.keep_versions, grace_s=args.grace)
+            print(f"version {manifest.version}: {manifest.rows - before.rows:+d} images "
+                  f"({before.rows} -> {manifest.rows})")
         else:
             manifest = build_index(args.embeddings, output, config, args.vector_dtype, mapper=mapper,
                                    strategy=strategy, search=search, classes=args.classes,
@@ -148,8 +184,42 @@ def main(argv: list[str] | None = None) -> int:
               f"{manifest.class_size(UNLABELLED)} images in the unlabelled bucket (global search only)")
     else:
         print(f"classes: the top-1 prediction of {manifest.models.spec('classifier')}")
-    print(f"index {output}: {summary['rows']} images, {summary['classes']} classes, "
+    print(f"index {output} version {manifest.version}: {summary['rows']} images, {summary['classes']} classes, "
           f"{summary['shards']} shards ({', '.join(kinds)}), {heads} head-class indexes, built in {seconds:.1f} s; default strategy {default}")
+    return 0
+
+
+def read_id_list(path: str) -> tuple[np.ndarray, int]:
+    """Image ids from a file of ids or image URIs, one a line (``-``: standard input); blank lines
+    and ``#`` comments are skipped. Returns the ids and how many lines were URIs."""
+    text = sys.stdin.read() if path == "-" else Location(path).read_text()
+    ids, uris = [], 0
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.isdigit():
+            ids.append(int(line))
+        else:  # the job names local files by their absolute path
+            ids.append(uri_id(line if "://" in line else os.path.abspath(os.path.expanduser(line))))
+            uris += 1
+    return np.unique(np.asarray(ids, dtype=np.int64)), uris
+
+
+def _delete(output: Location, args: argparse.Namespace) -> int:
+    try:
+        ids, _ = read_id_list(args.delete)
+        present = np.intersect1d(ids, live_ids(output))
+        if not len(present):
+            print(f"index {output}: none of the {len(ids)} images is in it; nothing published")
+            return 0
+        manifest = update_index(output, delete_ids=present, compact_at=args.compact_at,
+                                keep_versions=args.keep_versions, grace_s=args.grace)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"index {output} version {manifest.version}: {len(present)} images deleted "
+          f"({len(ids) - len(present)} of the {len(ids)} given were not in it); {manifest.rows} images")
     return 0
 
 

@@ -27,10 +27,11 @@ from pipeline.storage import Location
 
 #: Version of the embedding row schemas and of their manifest.
 EMBEDDING_SCHEMA_VERSION = 1
-#: Version of the index layout and manifest. 3 records ``class_source``; 2 did not (read as
-#: predicted classes); 1 neither ``max_pixels`` (read as the default).
-INDEX_SCHEMA_VERSION = 3
-_READABLE_INDEX_VERSIONS = (1, 2, 3)
+#: Version of the index layout and manifest. 4 publishes immutable versions (``version``,
+#: ``versions/``, tombstones); 3 records ``class_source``; 2 did not (read as predicted classes);
+#: 1 neither ``max_pixels`` (read as the default). Older indexes read as version 1.
+INDEX_SCHEMA_VERSION = 4
+_READABLE_INDEX_VERSIONS = (1, 2, 3, 4)
 ROLES = ("classifier", "embedder")
 
 
@@ -175,6 +176,9 @@ class ShardEntry:
         classes: how many classes it holds (where each lies: ``IndexManifest.classes``).
         files: file name -> ``{"sha256", "bytes"}``.
         heads: classes large enough for an index of their own (``head-NNNNNN.faiss``).
+        deleted: the shard's tombstones, or None: ``{"path"`` (relative to the index: a sorted int64
+            ``.npy`` of deleted row positions), ``"rows"``, ``"sha256"``, ``"bytes"}``. Deleted rows
+            stay in the shard's files (shared with earlier versions) and are never returned.
     """
 
     path: str
@@ -183,11 +187,17 @@ class ShardEntry:
     classes: int
     files: dict[str, dict]
     heads: list[int] = field(default_factory=list)
+    deleted: dict | None = None
+
+    @property
+    def live_rows(self) -> int:
+        return self.rows - (self.deleted["rows"] if self.deleted else 0)
 
     @classmethod
     def from_json(cls, raw: dict) -> "ShardEntry":
         return cls(path=str(raw["path"]), rows=int(raw["rows"]), index_type=raw.get("index_type", "flat"),
-                   classes=int(raw["classes"]), files=dict(raw["files"]), heads=[int(c) for c in raw.get("heads", [])])
+                   classes=int(raw["classes"]), files=dict(raw["files"]), heads=[int(c) for c in raw.get("heads", [])],
+                   deleted=raw.get("deleted"))
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,11 @@ class IndexManifest:
     """``manifest.json`` of an index folder.
 
     Attributes:
-        classes: class index (as a string) -> ``[shard, start, end]``, its rows' position range.
+        version: the published version (1 for a new index; each append, update or delete publishes
+            the next: :mod:`pipeline.index.versions`).
+        classes: class index (as a string) -> ``[shard, start, end]``, its rows' position range, or
+            ``[shard, start, end, live]`` when some of its rows are deleted (tombstones).
+        rows: gallery images that searches can return (deleted ones not counted).
         shards: the shards, in order.
         max_pixels: the decode limit the gallery was embedded with; queries use the same.
         strategy: the search strategy queries use by default (``pipeline.strategy.Strategy.to_json``,
@@ -205,6 +219,7 @@ class IndexManifest:
         class_source: how rows got their class (``pipeline.index.keying.Keying.to_json``):
             ``source`` (``labels``: the gallery's own labels; ``predicted``: the classifier's top-1),
             ``label_space`` and ``labels`` (class index -> label id); None: predicted (older indexes).
+        applied: embedding output -> the last of its runs (change logs) this version includes.
     """
 
     models: ModelSet
@@ -220,31 +235,37 @@ class IndexManifest:
     strategy: dict | None = None
     search: dict | None = None
     class_source: dict | None = None
+    version: int = 1
+    applied: dict[str, int] = field(default_factory=dict)
     created: str = field(default_factory=now)
     schema_version: int = INDEX_SCHEMA_VERSION
 
     def class_size(self, cls: int) -> int:
-        """Gallery images of a class (0 for a class with none)."""
+        """Gallery images of a class that searches can return (0 for a class with none)."""
         where = self.classes.get(str(int(cls)))
-        return 0 if where is None else where[2] - where[1]
+        if where is None:
+            return 0
+        return where[3] if len(where) > 3 else where[2] - where[1]
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["models"] = self.models.to_json()
         return {"schema_version": out.pop("schema_version"), "created": out.pop("created"), **out}
 
-    def write(self, folder: str | Path | Location) -> None:
-        (Location(folder) / "manifest.json").write_json(self.to_json(), indent=1)
+    def write(self, folder: str | Path | Location, name: str = "manifest.json") -> None:
+        """Writes ``folder/name`` whole (atomically; publishing a version: pipeline.index.versions)."""
+        (Location(folder) / name).write_json(self.to_json(), indent=1)
 
     @classmethod
-    def read(cls, folder: str | Path | Location) -> "IndexManifest":
-        """Reads ``folder/manifest.json`` (a local folder or an object store URI).
+    def read(cls, folder: str | Path | Location, name: str = "manifest.json") -> "IndexManifest":
+        """Reads ``folder/manifest.json`` (the current version; a local folder or an object store
+        URI), or another file of the folder (``versions/000003.json``: a published version).
 
         Raises:
             FileNotFoundError: no index there.
             ValueError: a schema version this code cannot read, or not a manifest.
         """
-        path = Location(folder) / "manifest.json"
+        path = Location(folder) / name
         raw = _read(path, "build an index with `python -m jobs.build_index`")
         version = raw.get("schema_version")
         if version not in _READABLE_INDEX_VERSIONS:
@@ -256,8 +277,9 @@ class IndexManifest:
                        classes=dict(raw["classes"]), shards=[ShardEntry.from_json(e) for e in raw["shards"]],
                        max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)),
                        metric=raw.get("metric", "inner_product"), strategy=raw.get("strategy"),
-                       search=raw.get("search"), class_source=raw.get("class_source"), created=raw["created"],
-                       schema_version=INDEX_SCHEMA_VERSION)
+                       search=raw.get("search"), class_source=raw.get("class_source"),
+                       version=int(raw.get("version", 1)), applied=dict(raw.get("applied", {})),
+                       created=raw["created"], schema_version=INDEX_SCHEMA_VERSION)
 
 
 @dataclass(frozen=True)

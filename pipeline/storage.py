@@ -146,6 +146,11 @@ class Location:
         names = (info.base_name for info in infos if info.type == pafs.FileType.File)
         return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
 
+    def list_folders(self) -> list[str]:
+        """Names of the folders directly inside this folder (sorted; none when it does not exist)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.key, allow_not_found=True, recursive=False))
+        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
     def size(self) -> int:
         return self.fs.get_file_info(self.key).size
 

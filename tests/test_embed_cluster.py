@@ -186,11 +186,11 @@ def test_killed_job_on_object_storage_resumes_indexes_and_searches_like_local_di
 
     # The cache is checked against the manifest's sha256: a damaged copy is fetched again, a
     # damaged object in the store is refused.
-    cached = next((tmp_path / "cache").glob("index-*/shards/0000/vectors.npy"))
+    cached = next((tmp_path / "cache").glob("index-*/shards/0000-v000001/vectors.npy"))
     cached.write_bytes(b"\0" * cached.stat().st_size)
     again = ShardedIndex.load(remote_index)
     assert len(again) == 64 and np.load(cached).shape == (64, remote_engine.index.dim)
-    (Location(remote_index) / "shards" / "0000" / "rows.parquet").write_bytes(b"PAR1 not the rows")
+    (Location(remote_index) / "shards" / "0000-v000001" / "rows.parquet").write_bytes(b"PAR1 not the rows")
     shutil.rmtree(tmp_path / "cache")
     with pytest.raises(IndexIntegrityError, match="rows.parquet is corrupted"):
         ShardedIndex.load(remote_index)

@@ -179,4 +179,4 @@ def test_append_keys_new_rows_as_the_index_did(output, tmp_path: Path) -> None:
         want = int((data["label"] == label).sum() + (more["label"] == label).sum())
         assert manifest.class_size(c) == want
     assert manifest.class_size(UNLABELLED) == int(sum(x is None for x in data["label"])) + 5
-    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["schema_version"] == 3
+    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["schema_version"] == 4

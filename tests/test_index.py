@@ -156,7 +156,7 @@ def test_corrupted_and_truncated_files_are_named(tmp_path: Path, gallery) -> Non
     _, _, index_dir = gallery
     copy = tmp_path / "index"
     shutil.copytree(index_dir, copy)
-    target = copy / "shards" / "0001" / "vectors.npy"
+    target = copy / "shards" / "0001-v000001" / "vectors.npy"
     data = bytearray(target.read_bytes())
     data[-5] ^= 0xFF
     target.write_bytes(bytes(data))
@@ -248,7 +248,7 @@ def test_head_classes_get_their_own_index(tmp_path: Path) -> None:
     assert small
     assert_hits_equal([got[q] for q in small], hit_lists([expected[q] for q in small]))
     # a corrupted head index is named like the shard's other files
-    target = tmp_path / "index" / "shards" / "0000" / f"head-{heads[0]:06d}.faiss"
+    target = tmp_path / "index" / "shards" / "0000-v000001" / f"head-{heads[0]:06d}.faiss"
     raw = bytearray(target.read_bytes())
     raw[-3] ^= 0xFF
     target.write_bytes(bytes(raw))

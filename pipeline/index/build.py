@@ -22,8 +22,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
+try:
+    from pipeline.embed_output import change_log, live_parts
+except ImportError:  # TEMPORARY: until the embedding job's change logs land
+    def change_log(out):
+        return []
+
+    def live_parts(out, after_run=0):
+        return [] if after_run else [(p, 1, np.zeros(0, np.int64)) for p in embedding_parts(out)[0]]
 from pipeline.index.keying import UNLABELLED, Keying, resolve_keying
 from pipeline.index.faiss_index import IndexConfig, SearchParams, build_faiss_index, choose_index_type, head_file
+from pipeline.index.versions import (GRACE_S, KEEP_VERSIONS, publish, read_tombstones, remove_old_versions,
+                                     shard_folder, version_file, write_tombstones)
 from pipeline.manifests import EmbeddingManifest, IndexManifest, ModelSet, ShardEntry
 from pipeline.storage import Location
 
@@ -114,9 +124,19 @@ def class_ranges(classes: np.ndarray) -> dict[int, list[int]]:
     return {int(classes[s]): [int(s), int(e)] for s, e in zip(starts, ends)}
 
 
-def _read_embedding_parts(parts: Iterable[Location], columns: list[str]) -> Iterable[pa.Table]:
-    for part in parts:
-        yield part.read_parquet(columns)
+#: An embedding part and the ids in it to leave out (sorted): rows a later run replaced or deleted.
+Part = tuple[Location, np.ndarray]
+
+
+def _read_embedding_parts(parts: Iterable[Part], columns: list[str], skip_ids: np.ndarray | None = None
+                          ) -> Iterable[pa.Table]:
+    """Each part's rows, less its own stale ids and ``skip_ids`` (sorted)."""
+    for part, stale in parts:
+        table = part.read_parquet(columns)
+        keep = _not_in(table.column("id").to_numpy(), stale)
+        if skip_ids is not None:
+            keep &= _not_in(table.column("id").to_numpy(), skip_ids)
+        yield table if keep.all() else table.filter(pa.array(keep))
 
 
 def _rows_and_vectors(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
@@ -150,19 +170,30 @@ def embedding_parts(embeddings_dir: Location) -> tuple[list[Location], Embedding
     return parts, manifest
 
 
-def count_classes(parts: list[Location], keying: Keying, skip_ids: np.ndarray | None = None) -> dict[int, int]:
+def source_parts(embeddings_dir: Location, after_run: int = 0) -> tuple[list[Part], EmbeddingManifest, int]:
+    """The live rows of an embedding job output: the parts written by its runs after ``after_run``,
+    each with the ids in it that a later run changed or deleted; the manifest; the output's last run.
+
+    Raises:
+        FileNotFoundError: not an embedding job output (no manifest.json), or parts missing.
+    """
+    _, manifest = embedding_parts(embeddings_dir)
+    parts = [(location, stale) for location, _, stale in live_parts(embeddings_dir, after_run)]
+    last_run = max([c.run for c in change_log(embeddings_dir)], default=0)
+    return parts, manifest, last_run
+
+
+def count_classes(parts: list[Part], keying: Keying, skip_ids: np.ndarray | None = None) -> dict[int, int]:
     """Rows per class over the parts (reads only the id column and what ``keying`` needs)."""
-    skip = np.sort(skip_ids) if skip_ids is not None else np.zeros(0, np.int64)
     counts: dict[int, int] = {}
-    for table in _read_embedding_parts(parts, ["id", *keying.columns]):
-        keep = _not_in(table.column("id").to_numpy(), skip)
-        top = keying.classes(table)[0][keep]
+    for table in _read_embedding_parts(parts, list(dict.fromkeys(["id", *keying.columns])), skip_ids):
+        top = keying.classes(table)[0]
         for cls, n in zip(*np.unique(top, return_counts=True)):
             counts[int(cls)] = counts.get(int(cls), 0) + int(n)
     return counts
 
 
-def write_buckets(parts: list[Location], scratch: Location, shard_of: dict[int, int], keying: Keying,
+def write_buckets(parts: list[Part], scratch: Location, shard_of: dict[int, int], keying: Keying,
                   skip_ids: np.ndarray | None = None) -> tuple[dict[int, Location], int]:
     """One streaming pass: each row, keyed (``class``, ``class_prob``), goes to its shard's bucket
     file. Memory holds one part at a time, never the whole gallery.
@@ -170,15 +201,13 @@ def write_buckets(parts: list[Location], scratch: Location, shard_of: dict[int, 
     Returns:
         ``({shard: bucket file}, dim)``.
     """
-    skip = np.sort(skip_ids) if skip_ids is not None else np.zeros(0, np.int64)
     scratch.make_folder()
     writers: dict[int, pq.ParquetWriter] = {}
     buckets: dict[int, Location] = {}
     dim = 0
     columns = list(dict.fromkeys(["id", "uri", "label", "embedding", *keying.columns]))
-    for table in _read_embedding_parts(parts, columns):
+    for table in _read_embedding_parts(parts, columns, skip_ids):
         dim = table.schema.field("embedding").type.list_size
-        table = table.filter(pa.array(_not_in(table.column("id").to_numpy(), skip)))
         top, prob = keying.classes(table)
         table = table.select(["id", "uri", "label", "embedding"]).append_column(
             "class", pa.array(top, pa.int32())).append_column("class_prob", pa.array(prob, pa.float32()))
@@ -202,43 +231,50 @@ def _not_in(values: np.ndarray, sorted_skip: np.ndarray) -> np.ndarray:
     return sorted_skip[pos] != values
 
 
-def build_shard_from_bucket(bucket: Location, directory: Location, config: IndexConfig, dtype: str = "float32",
-                            existing: Location | None = None) -> tuple[ShardEntry, dict[int, list[int]]]:
-    """Builds one shard from its bucket file (plus, when appending, the shard's current contents)."""
-    rows, vectors = _rows_and_vectors(bucket.read_parquet())
+def build_shard_from_bucket(bucket: Location | None, directory: Location, config: IndexConfig, dtype: str = "float32",
+                            existing: Location | None = None, dead: np.ndarray | None = None
+                            ) -> tuple[ShardEntry, dict[int, list[int]]]:
+    """Builds one shard from its bucket file (None: no new rows), plus, when ``existing`` (a shard
+    folder of the current version) is given, that shard's rows less the ``dead`` positions."""
+    parts = []
+    if bucket is not None:
+        parts.append(_rows_and_vectors(bucket.read_parquet()))
     if existing is not None:
         old_rows = (existing / "rows.parquet").read_parquet()
         stored = existing / "vectors.npy"
         old_vectors = (np.load(io.BytesIO(stored.read_bytes())) if stored.remote
-                       else np.load(stored.path, mmap_mode="r")).astype(np.float32)
-        rows = pa.concat_tables([old_rows, rows])
-        vectors = np.concatenate([old_vectors, vectors])
+                       else np.load(stored.path, mmap_mode="r"))
+        if dead is not None and len(dead):
+            keep = np.ones(len(old_vectors), dtype=bool)
+            keep[dead] = False
+            old_rows, old_vectors = old_rows.filter(pa.array(keep)), old_vectors[keep]
+        parts.append((old_rows, np.asarray(old_vectors, dtype=np.float32)))
+    rows = pa.concat_tables([r for r, _ in parts]) if parts else ROW_SCHEMA.empty_table()
+    vectors = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, 0), np.float32)
     rows, vectors = _sort_shard(rows, vectors)
     return write_shard(directory, rows, vectors, config, dtype)
 
 
 def write_index_manifest(index_dir: Location, shards: list[tuple[ShardEntry, dict[int, list[int]]]],
-                         models: ModelSet, max_pixels: int, keying: Keying, config: IndexConfig, dim: int,
-                         dtype: str, sources: list[str], strategy: dict | None = None,
-                         search: SearchParams | None = None) -> IndexManifest:
-    """Writes the index ``manifest.json``: the shards (each with where its classes lie), the models
-    and decode limit of the gallery (queries go through the same), how rows were keyed, the default
+                         models: ModelSet, max_pixels: int, keying: Keying | dict | None, config: IndexConfig,
+                         dim: int, dtype: str, sources: list[str], strategy: dict | None = None,
+                         search: SearchParams | None = None, version: int = 1,
+                         applied: dict[str, int] | None = None) -> IndexManifest:
+    """Publishes a version (:func:`pipeline.index.versions.publish`): the shards (each with where
+    its classes lie: ``[start, end]``, or ``[start, end, live]`` with tombstones), the models and
+    decode limit of the gallery (queries go through the same), how rows were keyed, the default
     search strategy and the search parameters."""
     class_map = {}
     for number, (_, ranges) in enumerate(shards):
-        for cls, (start, end) in ranges.items():
-            class_map[str(cls)] = [number, start, end]
+        for cls, where in ranges.items():
+            class_map[str(cls)] = [number, *where]
     manifest = IndexManifest(
         models=models, dim=dim, vector_dtype=dtype, config=dataclasses.asdict(config), sources=sources,
-        rows=sum(entry.rows for entry, _ in shards), classes=class_map, max_pixels=max_pixels,
+        rows=sum(entry.live_rows for entry, _ in shards), classes=class_map, max_pixels=max_pixels,
         strategy=strategy, search=(search or SearchParams()).to_json(), shards=[entry for entry, _ in shards],
-        class_source=keying.to_json())
-    manifest.write(index_dir)
-    return manifest
-
-
-def _shard_dir(index_dir: Location, number: int) -> Location:
-    return index_dir / "shards" / f"{number:04d}"
+        class_source=keying.to_json() if isinstance(keying, Keying) else keying, version=version,
+        applied=dict(applied or {}))
+    return publish(index_dir, manifest)
 
 
 def _shard_jobs_map(jobs: list[tuple], mapper) -> list[tuple[ShardEntry, dict[int, list[int]]]]:
@@ -249,7 +285,7 @@ def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | L
                 dtype: str = "float32", mapper=map, strategy: dict | None = None,
                 search: SearchParams | None = None, classes: str | None = None,
                 classifier: str | None = None) -> IndexManifest:
-    """Builds a class-sharded index from an embedding job's output.
+    """Builds a class-sharded index from an embedding job's output (its version 1).
 
     Args:
         embeddings_dir: the ``--output`` folder of ``jobs.embed`` (a local folder or an object store URI).
@@ -273,11 +309,12 @@ def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | L
     """
     embeddings_dir, index_dir = Location(embeddings_dir), Location(index_dir)
     if (index_dir / "manifest.json").is_file():
-        raise FileExistsError(f"{index_dir} already holds an index; use append (--append) or a new folder")
+        raise FileExistsError(f"{index_dir} already holds an index; use append (--append), update (--update) "
+                              f"or a new folder")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    parts, source = embedding_parts(embeddings_dir)
-    keying, models = resolve_keying(source.models, parts, classes, classifier)
+    parts, source, last_run = source_parts(embeddings_dir)
+    keying, models = resolve_keying(source.models, [p for p, _ in parts], classes, classifier)
     counts = count_classes(parts, keying)
     shards = plan_shards(counts, config.shard_size)
     shard_of = {cls: s for s, members in enumerate(shards) for cls in members}
@@ -285,68 +322,171 @@ def build_index(embeddings_dir: str | Path | Location, index_dir: str | Path | L
     try:
         buckets, dim = write_buckets(parts, scratch, shard_of, keying)
         dim = dim or source.dim
-        jobs = [(buckets[s], _shard_dir(index_dir, s), config, dtype) for s in range(len(shards))]
+        jobs = [(buckets[s], index_dir / shard_folder(s, 1), config, dtype) for s in range(len(shards))]
         entries = _shard_jobs_map(jobs, mapper)
     finally:
         scratch.delete_tree()
     return write_index_manifest(index_dir, entries, models, source.max_pixels, keying, config, dim, dtype,
-                                [str(embeddings_dir)], strategy, search)
+                                [str(embeddings_dir)], strategy, search, applied={str(embeddings_dir): last_run})
 
 
-def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, mapper=map,
-                 strategy: dict | None = None) -> IndexManifest:
-    """Adds a new embedding output to an existing index, rebuilding only the shards it touches.
+def _index_ids(index_dir: Location, manifest: IndexManifest) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per shard: its row ids (by position) and its deleted positions."""
+    return [((index_dir / s.path / "rows.parquet").read_parquet(["id"])["id"].to_numpy(),
+             read_tombstones(index_dir, s)) for s in manifest.shards]
 
-    Rows whose id is already indexed are skipped; images of known classes go to their class's shard
-    (which may then exceed ``shard_size``; rebuild from scratch to re-balance); new classes get new
-    shards. The result answers searches exactly as an index built from both outputs at once. The
-    index keeps its default search strategy unless ``strategy`` is given.
 
-    The new rows are keyed as the index's were: by their labels, or by the index's classifier (a
-    head re-keys them from their vectors when the output was classified by another model).
+def live_ids(index_dir: str | Path | Location) -> np.ndarray:
+    """The ids searches can return in the current version (sorted)."""
+    index_dir = Location(index_dir)
+    found = []
+    for ids, dead in _index_ids(index_dir, IndexManifest.read(index_dir)):
+        alive = np.ones(len(ids), dtype=bool)
+        alive[dead] = False
+        found.append(ids[alive])
+    return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+
+def _live_ranges(ranges: dict[int, list[int]], dead: np.ndarray) -> dict[int, list[int]]:
+    """Class ranges of a shard kept with tombstones: ``[start, end, live]`` where rows are dead."""
+    out = {}
+    for cls, (start, end, *_) in ranges.items():
+        gone = int(np.searchsorted(dead, end) - np.searchsorted(dead, start))
+        out[cls] = [start, end, end - start - gone] if gone else [start, end]
+    return out
+
+
+def update_index(index_dir: str | Path | Location, embeddings_dir: str | Path | Location | None = None, *,
+                 delete_ids: np.ndarray | None = None, only_new: bool = False, mapper=map,
+                 strategy: dict | None = None, compact_at: float = 0.2, keep_versions: int = KEEP_VERSIONS,
+                 grace_s: float = GRACE_S) -> IndexManifest:
+    """Publishes the next version of an index: new and changed images of an embedding output added,
+    deleted ones gone, nothing of the current version touched.
+
+    From ``embeddings_dir``, the rows of the runs (change logs) this index has not applied yet are
+    added, and the ids those runs changed or deleted leave the index: a changed image is replaced
+    by its new row. With ``only_new`` (``append``), only ids the index does not hold are added,
+    from every run. ``delete_ids`` (a takedown) leave it too.
+
+    Shards that gain rows are rebuilt (their deleted rows dropped) under new versioned names; a
+    shard that only loses rows keeps its files and gets a tombstone file, unless its deleted
+    fraction passes ``compact_at``, when it is rebuilt without them. Images of known classes go to
+    their class's shard (which may then exceed ``shard_size``; build anew to re-balance); new
+    classes get new shards. New rows are keyed as the index's were: by their labels, or by the
+    index's classifier (a head re-keys them from their vectors).
+
+    Returns:
+        the new version's manifest (old versions are removed by
+        :func:`pipeline.index.versions.remove_old_versions` with ``keep_versions``, ``grace_s``).
 
     Raises:
         FileNotFoundError: no index at ``index_dir``.
-        ValueError: the new embeddings were made with other models.
+        ValueError: the new embeddings were made with other models or another decode limit.
     """
-    embeddings_dir, index_dir = Location(embeddings_dir), Location(index_dir)
+    index_dir = Location(index_dir)
     old = IndexManifest.read(index_dir)
-    parts, source = embedding_parts(embeddings_dir)
-    what = f"the index {index_dir} (appending {embeddings_dir})"
-    old.models.require({"embedder": source.models.spec("embedder")}, what)
-    index_classifier = old.models.spec("classifier")
-    if not index_classifier.startswith("head:"):
-        old.models.require({"classifier": source.models.spec("classifier")}, what)
-    keying, _ = resolve_keying(source.models, parts, old.class_source["source"] if old.class_source else "predicted",
-                               index_classifier, require_labels=False)
-    if source.max_pixels != old.max_pixels:
-        raise ValueError(f"{embeddings_dir} was decoded with max_pixels {source.max_pixels}, the index "
-                         f"{index_dir} with {old.max_pixels}; re-run the embedding job with --max-pixels "
-                         f"{old.max_pixels}")
+    version = old.version + 1
+    if not (index_dir / version_file(old.version)).is_file():  # an index written before versions
+        old.write(index_dir, version_file(old.version))
     config = IndexConfig(**old.config)
-    known_ids = np.sort(np.concatenate([(index_dir / s.path / "rows.parquet").read_parquet(["id"])
-                                        ["id"].to_numpy() for s in old.shards] or [np.zeros(0, np.int64)]))
-    counts = count_classes(parts, keying, known_ids)
+    shard_ids = _index_ids(index_dir, old)
+    removed = np.unique(np.asarray(delete_ids if delete_ids is not None else [], dtype=np.int64))
+    parts: list[Part] = []
+    applied = dict(old.applied)
+    sources = list(old.sources)
+    keying = None
+    if embeddings_dir is not None:
+        embeddings_dir = Location(embeddings_dir)
+        key = str(embeddings_dir)
+        after = 0 if only_new else applied.get(key, 0)
+        parts, source, last_run = source_parts(embeddings_dir, after)
+        _check_source(old, source, embeddings_dir, index_dir)
+        if not only_new:
+            for changes in change_log(embeddings_dir):
+                if changes.run > after:
+                    removed = np.union1d(removed, np.union1d(changes.changed, changes.deleted))
+        applied[key] = max(last_run, applied.get(key, 0))
+        if key not in sources:
+            sources.append(key)
+        index_classifier = old.models.spec("classifier")
+        keying, _ = resolve_keying(source.models, [p for p, _ in parts],
+                                   old.class_source["source"] if old.class_source else "predicted",
+                                   index_classifier, require_labels=False)
+    known = np.sort(np.concatenate([ids for ids, _ in shard_ids] or [np.zeros(0, np.int64)]))
+    counts = {}
+    skip = None
+    if parts:
+        if only_new:
+            skip = known
+        else:  # an added id the index holds is a replacement: its old row goes
+            added = np.concatenate([p.read_parquet(["id"])["id"].to_numpy() for p, _ in parts] or [np.zeros(0, np.int64)])
+            removed = np.union1d(removed, added)
+        counts = count_classes(parts, keying, skip)
     old_map = {int(c): v for c, v in old.classes.items()}
     shard_of = {cls: old_map[cls][0] for cls in counts if cls in old_map}
-    new_classes = {cls: n for cls, n in counts.items() if cls not in old_map}
     first_new = len(old.shards)
+    new_classes = {cls: n for cls, n in counts.items() if cls not in old_map}
     for offset, members in enumerate(plan_shards(new_classes, config.shard_size)):
         shard_of.update({cls: first_new + offset for cls in members})
-    scratch = index_dir / ".append-tmp"
+    dead = []
+    for (ids, tomb), entry in zip(shard_ids, old.shards):
+        now_dead = np.flatnonzero(~_not_in(ids, removed)) if len(removed) else np.zeros(0, np.int64)
+        dead.append(np.union1d(tomb, now_dead).astype(np.int64))
+    scratch = index_dir / f".update-tmp-{version}"
     try:
-        buckets, _ = write_buckets(parts, scratch, shard_of, keying, known_ids)
-        jobs = [(bucket, _shard_dir(index_dir, s), config, old.vector_dtype,
-                 _shard_dir(index_dir, s) if s < first_new else None) for s, bucket in sorted(buckets.items())]
-        rebuilt = dict(zip(sorted(buckets), _shard_jobs_map(jobs, mapper)))
+        buckets = write_buckets(parts, scratch, shard_of, keying, skip)[0] if counts else {}
+        compact = {s for s, entry in enumerate(old.shards)  # dead fraction past the threshold: rebuild
+                   if len(dead[s]) > (entry.deleted or {}).get("rows", 0) and len(dead[s]) > compact_at * entry.rows}
+        rebuild = set(buckets) | compact
+        jobs = [(buckets.get(s), index_dir / shard_folder(s, version), config, old.vector_dtype,
+                 index_dir / old.shards[s].path if s < first_new else None, dead[s] if s < first_new else None)
+                for s in sorted(rebuild)]
+        rebuilt = dict(zip(sorted(rebuild), _shard_jobs_map(jobs, mapper)))
     finally:
         scratch.delete_tree()
     entries = []
     for number in range(max([first_new - 1, *rebuilt]) + 1):
         if number in rebuilt:
             entries.append(rebuilt[number])
-        else:
-            entries.append((old.shards[number], {c: [v[1], v[2]] for c, v in old_map.items() if v[0] == number}))
-    return write_index_manifest(index_dir, entries, old.models, old.max_pixels, keying, config, old.dim,
-                                old.vector_dtype, old.sources + [str(embeddings_dir)],
-                                old.strategy if strategy is None else strategy, SearchParams.from_json(old.search))
+            continue
+        entry = old.shards[number]
+        ranges = {c: v[1:3] for c, v in old_map.items() if v[0] == number}
+        if len(dead[number]) != (entry.deleted or {}).get("rows", 0):
+            entry = dataclasses.replace(entry, deleted=write_tombstones(index_dir, number, version, dead[number]))
+        entries.append((entry, _live_ranges(ranges, dead[number])))
+    manifest = write_index_manifest(index_dir, entries, old.models, old.max_pixels, old.class_source, config,
+                                    old.dim, old.vector_dtype, sources,
+                                    old.strategy if strategy is None else strategy, SearchParams.from_json(old.search),
+                                    version=version, applied=applied)
+    remove_old_versions(index_dir, keep_versions, grace_s)
+    return manifest
+
+
+def _check_source(old: IndexManifest, source: EmbeddingManifest, embeddings_dir: Location, index_dir: Location) -> None:
+    what = f"the index {index_dir} (adding {embeddings_dir})"
+    old.models.require({"embedder": source.models.spec("embedder")}, what)
+    if not old.models.spec("classifier").startswith("head:"):
+        old.models.require({"classifier": source.models.spec("classifier")}, what)
+    if source.max_pixels != old.max_pixels:
+        raise ValueError(f"{embeddings_dir} was decoded with max_pixels {source.max_pixels}, the index "
+                         f"{index_dir} with {old.max_pixels}; re-run the embedding job with --max-pixels "
+                         f"{old.max_pixels}")
+
+
+def append_index(embeddings_dir: str | Path | Location, index_dir: str | Path | Location, mapper=map,
+                 strategy: dict | None = None) -> IndexManifest:
+    """Adds a new embedding output to an existing index (the next version), rebuilding only the
+    shards it touches: :func:`update_index` with ``only_new`` (rows whose id is already indexed are
+    skipped). The result answers searches exactly as an index built from both outputs at once. The
+    index keeps its default search strategy unless ``strategy`` is given.
+
+    Raises:
+        FileNotFoundError: no index at ``index_dir``.
+        ValueError: the new embeddings were made with other models.
+    """
+    return update_index(index_dir, embeddings_dir, only_new=True, mapper=mapper, strategy=strategy)
+
+
+def delete_from_index(index_dir: str | Path | Location, ids: np.ndarray, **kwargs) -> IndexManifest:
+    """Publishes the next version without these images (a takedown): :func:`update_index`."""
+    return update_index(index_dir, delete_ids=ids, **kwargs)

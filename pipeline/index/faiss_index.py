@@ -102,16 +102,19 @@ class SearchParams:
         """How many candidates to take from an approximate index for ``k`` results."""
         return k * self.refine
 
-    def faiss_params(self, index: faiss.Index, n: int, head: bool = False) -> faiss.SearchParameters | None:
+    def faiss_params(self, index: faiss.Index, n: int, head: bool = False,
+                     sel: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
         """Per-call FAISS parameters for taking ``n`` results from ``index`` (a head class's index
-        when ``head``); None: it needs none. Passed with each search, so concurrent searches never
-        change a shared index."""
+        when ``head``), skipping the ids ``sel`` rejects (deleted rows: the search itself walks
+        past them, no over-fetching); None: it needs none. Passed with each search, so concurrent
+        searches never change a shared index."""
+        extra = {} if sel is None else {"sel": sel}
         if hasattr(index, "hnsw"):
-            return faiss.SearchParametersHNSW(efSearch=max(self.head_ef_search if head else self.ef_search, n))
+            return faiss.SearchParametersHNSW(efSearch=max(self.head_ef_search if head else self.ef_search, n), **extra)
         ivf = ivf_of(index)
         if ivf is not None:
-            return faiss.SearchParametersIVF(nprobe=min(self.nprobe, ivf.nlist))
-        return None
+            return faiss.SearchParametersIVF(nprobe=min(self.nprobe, ivf.nlist), **extra)
+        return faiss.SearchParameters(**extra) if extra else None
 
 
 def head_file(cls: int) -> str:

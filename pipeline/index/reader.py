@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
 from pipeline.index.faiss_index import SearchParams, faiss_uses_gpu, head_file, is_exact
+from pipeline.index.versions import IndexIntegrityError, read_tombstones, read_version
 from pipeline.manifests import IndexManifest, ShardEntry
 from pipeline.storage import Location
 
@@ -44,10 +45,6 @@ class Hit:
         return cls(int(raw["id"]), raw["uri"], raw["label"], int(raw["class"]), float(raw["score"]))
 
 
-class IndexIntegrityError(ValueError):
-    """An index file is missing, truncated or corrupted (the message names the file)."""
-
-
 @dataclass
 class Shard:
     """One loaded shard.
@@ -67,16 +64,44 @@ class Shard:
     index: faiss.Index = field(repr=False)
     exact: bool = True
     heads: dict[int, faiss.Index] = field(default_factory=dict, repr=False)
+    dead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def __post_init__(self) -> None:
+        self._alive = None
+        self._selectors: dict[tuple[int, int], tuple] = {}
+        if len(self.dead):
+            self._alive = np.ones(len(self.ids), dtype=bool)
+            self._alive[self.dead] = False
+
+    @property
+    def live(self) -> int:
+        return len(self.ids) - len(self.dead)
+
+    def is_live(self, position: int) -> bool:
+        return self._alive is None or bool(self._alive[position])
+
+    def selector(self, start: int = 0, end: int | None = None) -> faiss.IDSelector | None:
+        """A FAISS selector of the live rows among positions [start, end), numbered from ``start``
+        (a head class's index numbers its rows so); None when none of them is deleted."""
+        end = len(self.ids) if end is None else end
+        if self._alive is None or self._alive[start:end].all():
+            return None
+        made = self._selectors.get((start, end))
+        if made is None:  # the bitmap must outlive the selector: both are kept
+            bits = np.packbits(self._alive[start:end], bitorder="little")
+            made = self._selectors[(start, end)] = (faiss.IDSelectorBitmap(end - start, faiss.swig_ptr(bits)), bits)
+        return made[0]
 
     def scan(self, query: np.ndarray, cls: int, start: int, end: int, k: int,
              params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, positions) of one class (positions [start, end)), best first: through the
-        class's own index when it has one, else an exact scan."""
+        class's own index when it has one, else an exact scan; deleted rows never come back."""
         head = self.heads.get(cls)
+        sel = self.selector(start, end)
         if head is not None:
             n = min(params.candidates(k), end - start)
-            _, local = head.search(query[None], n, params=params.faiss_params(head, n, head=True))
+            _, local = head.search(query[None], n, params=params.faiss_params(head, n, head=True, sel=sel))
             scores, positions = self.best(query[None], np.where(local >= 0, start + local, -1), k)
             keep = positions[0] >= 0
             return scores[0][keep], positions[0][keep]
@@ -89,21 +114,31 @@ class Shard:
                     query.shape[0], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
             scanner.reset()
             scanner.add_sa_codes(np.asarray(self.vectors[start:end]).view(np.uint8))
-            scores, local = scanner.search(query[None], min(k, end - start))
+            scores, local = scanner.search(query[None], min(k, end - start),
+                                           params=None if sel is None else faiss.SearchParameters(sel=sel))
             keep = local[0] >= 0
             return scores[0][keep], start + local[0][keep]
         sims = np.asarray(self.vectors[start:end], dtype=np.float32) @ query
+        if sel is not None:
+            alive = self._alive[start:end]
+            sims, kept = sims[alive], np.flatnonzero(alive)
+            top = self._top(sims, k)
+            return sims[top], start + kept[top]
+        top = self._top(sims, k)
+        return sims[top], start + top
+
+    @staticmethod
+    def _top(sims: np.ndarray, k: int) -> np.ndarray:
+        """Indices of the k best scores, best first (ties by index)."""
         if len(sims) > k:
             top = np.argpartition(-sims, k - 1)[:k]
-            top = top[np.lexsort((top, -sims[top]))]
-        else:
-            top = np.lexsort((np.arange(len(sims)), -sims))
-        return sims[top], start + top
+            return top[np.lexsort((top, -sims[top]))]
+        return np.lexsort((np.arange(len(sims)), -sims))
 
     def search(self, queries: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
         """Global top-k (scores, positions) of each query, (Q, k) each; -1 positions pad."""
-        n = min(k if self.exact else params.candidates(k), self.index.ntotal)
-        scores, positions = self.index.search(queries, n, params=params.faiss_params(self.index, n))
+        n = min(k if self.exact else params.candidates(k), self.live)
+        scores, positions = self.index.search(queries, n, params=params.faiss_params(self.index, n, sel=self.selector()))
         if self.exact:
             return scores, positions
         return self.best(queries, positions, k)
@@ -150,13 +185,19 @@ class ShardedIndex:
     def dim(self) -> int:
         return self.manifest.dim
 
+    @property
+    def version(self) -> int:
+        """The published version loaded (:mod:`pipeline.index.versions`)."""
+        return self.manifest.version
+
     def __len__(self) -> int:
-        return sum(len(s.ids) for s in self._shards.values())
+        return sum(s.live for s in self._shards.values())
 
     @classmethod
     def load(cls, index_dir: str | Path, *, expect_models: dict[str, str] | None = None,
              shards: Iterable[int] | None = None, verify: bool = True, use_gpu: str = "auto",
-             search: SearchParams | None = None, heads: bool = True) -> "ShardedIndex":
+             search: SearchParams | None = None, heads: bool = True, version: int | None = None,
+             reuse: "ShardedIndex | None" = None) -> "ShardedIndex":
         """Loads an index; vectors and FAISS files are memory-mapped, so RSS does not grow with them.
 
         Args:
@@ -170,6 +211,10 @@ class ShardedIndex:
             use_gpu: ``auto`` (FAISS GPU when available), ``yes`` or ``no``.
             search: search parameters instead of the ones the manifest records.
             heads: load the head classes' own indexes (False: every class is scanned exactly).
+            version: a published version (default: the current one, which ``manifest.json`` names).
+            reuse: a loaded version of the same index whose shards are taken over where the new
+                version did not change them (same files, same tombstones): a service that follows
+                the index loads only what changed, so a swap holds two copies of those shards only.
 
         Raises:
             FileNotFoundError: no manifest.
@@ -177,12 +222,17 @@ class ShardedIndex:
             ValueError: the index was built with other models.
         """
         where = Location(index_dir)
-        manifest = IndexManifest.read(where)
+        manifest = read_version(where, version)
         if expect_models:
             manifest.models.require(expect_models, f"the index {where}")
         numbers = range(len(manifest.shards)) if shards is None else list(shards)
+        shared = {}
+        if reuse is not None and reuse.root == where:
+            shared = {n: shard for n, shard in reuse._shards.items() if n < len(manifest.shards)
+                      and reuse.manifest.shards[n].path == manifest.shards[n].path
+                      and reuse.manifest.shards[n].deleted == manifest.shards[n].deleted}
         if where.remote:
-            root = cached_copy(where, manifest, numbers)
+            root = cached_copy(where, manifest, [n for n in numbers if n not in shared])
             verify = False  # every file was just checked against its sha256
         else:
             root = where.path
@@ -192,9 +242,13 @@ class ShardedIndex:
             if not 0 <= number < len(manifest.shards):
                 raise ValueError(f"shard {number} does not exist (index has {len(manifest.shards)})")
             entry = manifest.shards[number]
+            if number in shared:
+                loaded.append(shared[number])
+                continue
             if not heads:
                 entry = replace(entry, heads=[])
-            loaded.append(load_shard(root / entry.path, number, entry, verify, gpu))
+            loaded.append(load_shard(root / entry.path, number, entry, verify, gpu,
+                                     read_tombstones(Location(root), entry)))
         return cls(where, manifest, loaded, search)
 
     def lookup(self, image_id: int) -> Hit | None:
@@ -203,7 +257,9 @@ class ShardedIndex:
             self._positions = {int(i): (number, p) for number, shard in self._shards.items()
                                for p, i in enumerate(shard.ids)}
         where = self._positions.get(int(image_id))
-        return None if where is None else self._shards[where[0]].hit(where[1], 1.0)
+        if where is None or not self._shards[where[0]].is_live(where[1]):
+            return None
+        return self._shards[where[0]].hit(where[1], 1.0)
 
     def search_class(self, queries: np.ndarray, classes: np.ndarray, k: int = 5, *,
                      min_score: float | None = None, search: SearchParams | None = None) -> list[list[Hit]]:
@@ -254,7 +310,7 @@ class ShardedIndex:
         """
         params = search or self.search_params
         queries = self._check_queries(queries)
-        found = [(shard, *shard.search(queries, k, params)) for shard in self._shards.values() if shard.index.ntotal]
+        found = [(shard, *shard.search(queries, k, params)) for shard in self._shards.values() if shard.live]
         if not found:
             return [[] for _ in queries]
         scores = np.concatenate([s for _, s, _ in found], axis=1)
@@ -296,12 +352,15 @@ def cached_copy(index: Location, manifest: IndexManifest, shards: Iterable[int],
         if not 0 <= number < len(manifest.shards):
             raise ValueError(f"shard {number} does not exist (index has {len(manifest.shards)})")
         entry = manifest.shards[number]
-        for name, facts in entry.files.items():
-            local = root / entry.path / name
+        files = {f"{entry.path}/{name}": facts for name, facts in entry.files.items()}
+        if entry.deleted:
+            files[entry.deleted["path"]] = entry.deleted
+        for name, facts in files.items():
+            local = root / name
             if local.is_file() and local.stat().st_size == facts["bytes"] and sha256_file(local) == facts["sha256"]:
                 kept += 1
                 continue
-            source = index / entry.path / name
+            source = index / name
             try:
                 digest = source.download(local)
             except FileNotFoundError:
@@ -315,7 +374,8 @@ def cached_copy(index: Location, manifest: IndexManifest, shards: Iterable[int],
     return root
 
 
-def load_shard(directory: Path, number: int, entry: ShardEntry, verify: bool, gpu: bool) -> Shard:
+def load_shard(directory: Path, number: int, entry: ShardEntry, verify: bool, gpu: bool,
+               dead: np.ndarray | None = None) -> Shard:
     for name, facts in entry.files.items():
         path = directory / name
         if not path.is_file():
@@ -339,7 +399,8 @@ def load_shard(directory: Path, number: int, entry: ShardEntry, verify: bool, gp
                                   f"index {index.ntotal}, manifest {entry.rows} disagree")
     return Shard(number, vectors, rows.column("id").to_numpy(), rows.column("uri").combine_chunks(),
                  rows.column("label").combine_chunks(), rows.column("class").to_numpy(), index,
-                 exact=is_exact(entry.index_type), heads=heads)
+                 exact=is_exact(entry.index_type), heads=heads,
+                 dead=np.zeros(0, np.int64) if dead is None else dead)
 
 
 def read_faiss(path: Path, kind: str) -> faiss.Index:
