@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import io
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -35,7 +37,9 @@ from starlette.formparsers import MultiPartParser
 
 from pipeline.device_decode import prepare_batch
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, header_pixels
-from pipeline.index import Hit, ShardedIndex
+from pipeline.index import Hit
+from pipeline.index.follow import FollowedIndex
+from pipeline.index.versions import read_version
 from pipeline.manifests import IndexManifest
 from pipeline.models import CropPolicy, head_for, load_classifier, load_detector, load_embedder, select_runtime
 from pipeline.search import Prepared, QueryPreprocess, class_answers, merge_hits
@@ -81,6 +85,9 @@ class AppConfig:
             other formats fall back to their CPU). Cropped queries are decoded by the ingress.
         crop_policy: thresholds of :class:`pipeline.models.CropPolicy`.
         model_autoscaling: an ``autoscaling_config`` for the classifier and embedder deployments.
+        index_poll_s: how often the ingress and retriever replicas look for a newly published
+            version of the index (``jobs.build_index`` --append/--update/--delete); they load it in
+            the background and switch between two requests. 0: serve the version found at start.
     """
 
     index: str
@@ -101,6 +108,7 @@ class AppConfig:
     decode: str = "cpu"
     crop_policy: dict = field(default_factory=dict)
     model_autoscaling: dict | None = None
+    index_poll_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.crop not in ("auto", "off"):
@@ -109,6 +117,8 @@ class AppConfig:
             raise ValueError(f"decode must be cpu or device, got {self.decode!r}")
         if self.max_batch_size < 1 or self.max_body_mb <= 0 or self.batch_wait_timeout_s < 0:
             raise ValueError("max_batch_size must be >= 1, max_body_mb > 0, batch_wait_timeout_s >= 0")
+        if self.index_poll_s < 0:
+            raise ValueError(f"index_poll_s must be >= 0, got {self.index_poll_s}")
         if self.max_query_pixels < 1 or self.decode_pixel_budget < 1 or self.decode_wait_s < 0:
             raise ValueError("max_query_pixels and decode_pixel_budget must be >= 1, decode_wait_s >= 0")
         Strategy.load(self.strategy)
@@ -232,21 +242,30 @@ class Detector:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Retriever:
-    """Owns some shards of the index and answers searches over them."""
+    """Owns some shards of the index and answers searches over them, at the version each request
+    names (it follows the index: :class:`pipeline.index.follow.FollowedIndex`)."""
 
-    def __init__(self, index: str, shards: list[int] | None, expect_models: dict[str, str]) -> None:
-        self.index = ShardedIndex.load(index, shards=shards, expect_models=expect_models)
+    def __init__(self, index: str, shards: list[int] | None, expect_models: dict[str, str],
+                 poll_s: float = 0.0) -> None:
+        self.index = FollowedIndex(index, shards=shards, expect_models=expect_models)
+        self.index.start(poll_s)
+
+    def prepare(self, version: int) -> list[int]:
+        """Loads ``version`` when this replica does not hold it; returns the versions it holds."""
+        self.index.get(version)
+        return self.index.held()
 
     def search(self, vector: np.ndarray, classes: list[int], k: int, mode: str,
-               min_score: float | None) -> list[dict]:
+               min_score: float | None, version: int | None = None) -> list[dict]:
+        index = self.index.get(version)
         if mode == "class":
-            hits = self.index.search_class(vector[None], [classes], k, min_score=min_score)[0]
+            hits = index.search_class(vector[None], [classes], k, min_score=min_score)[0]
         else:
-            hits = self.index.search_global(vector[None], k, min_score=min_score)[0]
+            hits = index.search_global(vector[None], k, min_score=min_score)[0]
         return [h.to_json() for h in hits]
 
-    def lookup(self, image_id: int) -> dict | None:
-        hit = self.index.lookup(image_id)
+    def lookup(self, image_id: int, version: int | None = None) -> dict | None:
+        hit = self.index.get(version).lookup(image_id)
         return None if hit is None else hit.to_json()
 
 
@@ -317,7 +336,9 @@ class Ingress:
                  embedder: DeploymentHandle, retrievers: list[DeploymentHandle],
                  detector: DeploymentHandle | None = None) -> None:
         self.config = AppConfig(**config)
-        self.manifest = manifest
+        # The version answered from, with its manifest: replaced whole (one assignment) when a
+        # newer version is ready in every retriever; each request reads it once, at its start.
+        self.serving: tuple[int, IndexManifest] = (manifest.version, manifest)
         self.classifier, self.embedder, self.detector, self.retrievers = classifier, embedder, detector, retrievers
         # The query path's steps, as QueryEngine takes them; the pixel limit sized for queries.
         queries = QueryPreprocess.of(manifest)
@@ -329,6 +350,37 @@ class Ingress:
         # large decode frees stays with the thread that used it (a malloc arena per thread), so
         # with many threads the replica would keep several budgets' worth of freed memory.
         self.decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self.switched_at: float | None = None
+        self._stop = threading.Event()
+        if self.config.index_poll_s > 0:
+            threading.Thread(target=self._follow, daemon=True, name="index-follow").start()
+
+    def _follow(self) -> None:
+        """Looks for a newly published version every ``index_poll_s``; has every retriever
+        deployment load it, then answers from it (the old one until then)."""
+        while not self._stop.wait(self.config.index_poll_s):
+            version, manifest = self.serving
+            try:
+                new = read_version(Location(self.config.index))
+            except (OSError, ValueError) as exc:
+                logger.warning("index %s: cannot read its pointer (%s)", self.config.index, exc)
+                continue
+            if new.version <= version:
+                continue
+            if diffs := manifest.models.mismatches(new.models.specs()):
+                logger.error("index %s version %d has other models (%s); still serving version %d",
+                             self.config.index, new.version, "; ".join(diffs), version)
+                continue
+            try:
+                for retriever in self.retrievers:
+                    retriever.prepare.remote(new.version).result()
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the old version serving
+                logger.error("index %s version %d: a retriever cannot load it (%s); still serving version %d",
+                             self.config.index, new.version, exc, version)
+                continue
+            self.serving = (new.version, new)
+            self.switched_at = time.time()
+            logger.info("index %s: now serving version %d (%d images)", self.config.index, new.version, new.rows)
 
     async def _in_decoder(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decoders, fn, *args)
@@ -370,8 +422,8 @@ class Ingress:
                                           _ask(self.embedder.embed, prepared.for_embedder)))
 
     async def _merge(self, vector: np.ndarray, classes: list[int], k: int, mode: str,
-                     min_score: float | None) -> list[Hit]:
-        answers = await asyncio.gather(*(_ask(r.search, vector, classes, k, mode, min_score)
+                     min_score: float | None, version: int) -> list[Hit]:
+        answers = await asyncio.gather(*(_ask(r.search, vector, classes, k, mode, min_score, version)
                                          for r in self.retrievers))
         return [Hit.from_json(h) for h in merge_hits(answers, k)]
 
@@ -401,6 +453,7 @@ class Ingress:
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         data = await _read_upload(request, self.limit)
+        version, manifest = self.serving
         cropping = (crop or self.config.crop) == "auto" and self.detector is not None
         on_device = self.config.decode == "device" and not cropping  # the model replicas decode it
         async with self._decoding(data):  # the full-size image lives only in this block
@@ -414,12 +467,12 @@ class Ingress:
 
         async def search(request: Search) -> list[list[Hit]]:
             if request.classes is None:
-                return [await self._merge(vector, [], request.k, "global", min_score)]
-            return [await self._merge(vector, request.classes[0], request.k, "class", min_score)]
+                return [await self._merge(vector, [], request.k, "global", min_score, version)]
+            return [await self._merge(vector, request.classes[0], request.k, "class", min_score, version)]
 
-        [(hits, note)] = await run_plan_async(chosen.plan([classes], k, self.manifest.class_size), search)
+        [(hits, note)] = await run_plan_async(chosen.plan([classes], k, manifest.class_size), search)
         return JSONResponse({"strategy": str(chosen), "crop_box": list(box) if box else None, "image_size": size,
-                             "classes": classes, "results": _results(hits), "note": note})
+                             "classes": classes, "results": _results(hits), "note": note, "index_version": version})
 
     @app.post("/search/text")
     async def search_text(self, q: str = Query(..., min_length=1, max_length=500),
@@ -428,15 +481,16 @@ class Ingress:
         """Text-to-image search over the whole gallery (CLIP embedders only)."""
         if not await _ask(self.embedder.has_text):
             raise HTTPException(501, "this index's embedder has no text tower; text search needs a CLIP embedder")
+        version, _ = self.serving
         vector = await _ask(self.embedder.embed_text, q)
-        hits = await self._merge(vector, [], k, "global", min_score)
-        return JSONResponse({"strategy": "global", "query": q,
-                             "results": _results(hits)})
+        hits = await self._merge(vector, [], k, "global", min_score, version)
+        return JSONResponse({"strategy": "global", "query": q, "results": _results(hits), "index_version": version})
 
     @app.get("/images/{image_id}")
     async def image(self, image_id: int, size: int = Query(256, ge=16, le=1024)) -> Response:
         """A JPEG thumbnail of a gallery image, by id (never by a path from the client)."""
-        found = [h for h in await asyncio.gather(*(_ask(r.lookup, image_id) for r in self.retrievers)) if h]
+        version, _ = self.serving
+        found = [h for h in await asyncio.gather(*(_ask(r.lookup, image_id, version) for r in self.retrievers)) if h]
         if not found:
             raise HTTPException(404, f"no gallery image with id {image_id}")
         def thumbnail() -> bytes:
@@ -453,9 +507,11 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        """Liveness: the ingress answers and knows its index."""
-        return {"status": "ok", "index_rows": self.manifest.rows, "retrievers": len(self.retrievers),
-                "models": self.manifest.models.specs(), "max_query_pixels": self.queries.max_pixels,
+        """Liveness: the ingress answers and knows its index (the version it answers from)."""
+        version, manifest = self.serving
+        return {"status": "ok", "index_version": version, "index_rows": manifest.rows,
+                "index_switched_at": self.switched_at, "retrievers": len(self.retrievers),
+                "models": manifest.models.specs(), "max_query_pixels": self.queries.max_pixels,
                 "decode_budget": {"pixels": self.budget.limit, "in_use": self.budget.in_use, **self.budget.stats}}
 
     @app.get("/", response_class=HTMLResponse)
@@ -499,7 +555,7 @@ def build_app(args: dict) -> serve.Application:
     if len(options) != len(shards):
         raise ValueError(f"retriever_actor_options has {len(options)} entries for {len(shards)} retrievers")
     retrievers = [Retriever.options(name=f"Retriever{i}", ray_actor_options={"num_cpus": 0.25} | opts)
-                  .bind(str(index), group, specs) for i, (group, opts) in enumerate(zip(shards, options))]
+                  .bind(str(index), group, specs, config.index_poll_s) for i, (group, opts) in enumerate(zip(shards, options))]
     detector = Detector.bind(config.detector, config.device, config.crop_policy, **batching) \
         if config.detector else None
     strategy = Strategy.resolve(config.strategy, manifest.strategy)  # a file is read here, once

@@ -82,6 +82,7 @@ def post(service, data: bytes, **params) -> requests.Response:
 def test_health_and_page(service) -> None:
     health = requests.get(f"{service['url']}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["index_rows"] == 15 and health["retrievers"] == 2
+    assert health["index_version"] == 1
     # The query pixel limit: the service's (50M by default) or the gallery's, whichever is lower.
     assert health["max_query_pixels"] == MAX_PIXELS and health["decode_budget"]["pixels"] == DECODE_BUDGET
     page = requests.get(service["url"] + "/", timeout=30)
