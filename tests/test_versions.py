@@ -178,3 +178,20 @@ def test_search_params_pass_the_selector() -> None:
     sel = faiss.IDSelectorRange(0, 10)
     assert SearchParams().faiss_params(faiss.IndexFlatIP(4), 5) is None
     assert SearchParams().faiss_params(faiss.IndexFlatIP(4), 5, sel=sel).sel is not None
+
+
+def test_a_followed_index_loads_new_versions_and_keeps_the_one_before(tmp_path: Path) -> None:
+    from pipeline.index.follow import FollowedIndex
+
+    data = synthetic(900, classes=9, seed=12)
+    build_index(write_embeddings(tmp_path / "emb", data), tmp_path / "index", IndexConfig(shard_size=300))
+    followed = FollowedIndex(tmp_path / "index", keep=2)
+    assert followed.refresh() is None and followed.held() == [1]
+    delete_from_index(tmp_path / "index", data["id"][:10])
+    delete_from_index(tmp_path / "index", data["id"][10:20])
+    assert followed.refresh() == 3 and followed.held() == [1, 3]  # the newest published, beside the one before
+    assert len(followed.current) == 880 and len(followed.get(1)) == 900
+    assert len(followed.get(2)) == 890 and followed.held() == [2, 3]  # a version a request names: loaded then
+    assert followed.latest == 3
+    (tmp_path / "index" / "manifest.json").write_text("{ not json")  # a damaged pointer: keep serving
+    assert followed.refresh() is None and followed.latest == 3
