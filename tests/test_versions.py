@@ -22,8 +22,9 @@ from pipeline.index import (
     delete_from_index,
     live_ids,
 )
-from pipeline.sources import uri_id
+from pipeline.index.follow import FollowedIndex
 from pipeline.index.versions import published, read_version, remove_old_versions
+from pipeline.sources import uri_id
 
 K = 10
 
@@ -181,8 +182,6 @@ def test_search_params_pass_the_selector() -> None:
 
 
 def test_a_followed_index_loads_new_versions_and_keeps_the_one_before(tmp_path: Path) -> None:
-    from pipeline.index.follow import FollowedIndex
-
     data = synthetic(900, classes=9, seed=12)
     build_index(write_embeddings(tmp_path / "emb", data), tmp_path / "index", IndexConfig(shard_size=300))
     followed = FollowedIndex(tmp_path / "index", keep=2)
@@ -195,3 +194,24 @@ def test_a_followed_index_loads_new_versions_and_keeps_the_one_before(tmp_path: 
     assert followed.latest == 3
     (tmp_path / "index" / "manifest.json").write_text("{ not json")  # a damaged pointer: keep serving
     assert followed.refresh() is None and followed.latest == 3
+
+
+def test_versions_on_an_object_store_and_the_cache_keeps_two(tmp_path: Path, s3_bucket: str, monkeypatch) -> None:
+    """The same on an S3 server: tombstones travel through the local cache, and the cache keeps the
+    files of the version loaded and of the one before it, no older."""
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    data = synthetic(900, classes=9, seed=13)
+    index = f"{s3_bucket}/index"
+    build_index(write_embeddings(tmp_path / "emb", data), index, IndexConfig(shard_size=300, global_index="flat"))
+    followed = FollowedIndex(index)
+    for step in range(3):  # versions 2..4, each compacting one class's shard
+        cls = data["id"][data["classes"][:, 0] == step]
+        delete_from_index(index, cls[: len(cls) // 2], compact_at=0.01)
+        assert followed.refresh() == step + 2
+    gone = np.concatenate([data["id"][data["classes"][:, 0] == s][: (data["classes"][:, 0] == s).sum() // 2]
+                           for s in range(3)])
+    hits = followed.current.search_global(data["embedding"][np.isin(data["id"], gone)][:20], k=10)
+    assert not np.isin([h.id for row in hits for h in row], gone).any()
+    cached = {p.name for p in next((tmp_path / "cache").glob("index-*")).joinpath("shards").iterdir()}
+    wanted = {s.path.split("/")[1] for v in (3, 4) for s in read_version(index, v).shards}
+    assert cached == wanted

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
 from pipeline.index.faiss_index import SearchParams, faiss_uses_gpu, head_file, is_exact
-from pipeline.index.versions import IndexIntegrityError, read_tombstones, read_version
+from pipeline.index.versions import IndexIntegrityError, read_tombstones, read_version, referenced
 from pipeline.manifests import IndexManifest, ShardEntry
 from pipeline.storage import Location
 
@@ -369,9 +370,29 @@ def cached_copy(index: Location, manifest: IndexManifest, shards: Iterable[int],
                 local.unlink(missing_ok=True)
                 raise IndexIntegrityError(f"index file {source} is corrupted: its sha256 does not match the manifest")
             fetched += 1
+    _prune_cache(root, manifest)
     manifest.write(root)
     logger.info("index %s: %d files downloaded, %d already in the cache %s", index, fetched, kept, root)
     return root
+
+
+def _prune_cache(root: Path, manifest: IndexManifest) -> None:
+    """Removes the cached files of versions older than the one before ``manifest`` (the cache
+    keeps the version being loaded and the one it replaces, which this node may still serve;
+    files a process has mapped stay readable to it after removal)."""
+    keep = referenced(manifest)
+    try:
+        previous = IndexManifest.read(root)
+    except (OSError, ValueError):
+        previous = None
+    if previous is not None:
+        keep = (keep[0] | referenced(previous)[0], keep[1] | referenced(previous)[1])
+    for folder in (root / "shards").glob("*"):
+        if folder.is_dir() and f"shards/{folder.name}" not in keep[0]:
+            shutil.rmtree(folder, ignore_errors=True)
+    for file in (root / "tombstones").glob("*.npy"):
+        if f"tombstones/{file.name}" not in keep[1]:
+            file.unlink(missing_ok=True)
 
 
 def load_shard(directory: Path, number: int, entry: ShardEntry, verify: bool, gpu: bool,
