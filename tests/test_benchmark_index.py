@@ -76,3 +76,62 @@ def test_compare_autofaiss_says_how_to_install_it(monkeypatch, capsys) -> None:
 def test_scratch_is_left_empty(results, tmp_path_factory) -> None:
     scratch = Path(tmp_path_factory.getbasetemp()) / "bench0"
     assert sorted(p.name for p in scratch.iterdir()) == ["index.json"]
+
+
+@pytest.fixture(scope="module")
+def deleted_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench-deleted")
+    code = main(["index", "--rows", "4000", "--dim", "32", "--classes", "30", "--queries", "40",
+                 "--head-thresholds", "300", "--ef-search", "16", "64", "--deleted", "0.1",
+                 "--hnsw-m", "16", "--ef-construction", "40", "--scratch", str(out), "--json", str(out / "index.json")])
+    assert code == 0
+    return json.loads((out / "index.json").read_text())
+
+
+def test_deleted_rows_are_tombstoned_never_returned_and_out_of_the_truth(deleted_results) -> None:
+    r = deleted_results
+    # 10 % below the compaction threshold (20 %): every deleted row is a tombstone the searches skip
+    assert r["deletion"]["deleted_rows"] == 400
+    assert r["deletion"]["tombstoned_rows"] == 400 and r["deletion"]["compacted_rows"] == 0
+    assert r["deletion"]["shards_with_tombstones"] >= 1 and r["deletion"]["version"] == 2
+    assert r["truth_has_deleted"] == 0
+    assert r["deleted_returned"]["total"] == 0
+    assert set(r["deleted_returned"]) == {"class_search", "global_search", "float32_twin", "total"}
+    assert all(row["deleted_returned"] == 0 for row in r["global_search"] + r["global_search_float32"])
+    # the truth is over the live rows: the exact scans find it (float16 rounding aside)
+    assert r["class_search"][0]["recall_at_10"] >= 0.97
+    assert r["global_search"][-1]["recall_at_10"] >= 0.9
+    assert (r["hnsw_m"], r["ef_construction"]) == (16, 40)
+
+
+def test_targets_are_ratios_of_the_same_run(deleted_results) -> None:
+    t = deleted_results["targets"]
+    assert (t["recall"], t["class_p99_ratio_at_most"], t["global_speedup_at_least"]) == (0.95, 0.1, 10.0)
+    exact_p99 = deleted_results["class_search"][0]["p99_ms"]
+    assert t["class"]["exact_scan_p99_ms"] == exact_p99
+    assert t["class"]["recall_at_10"] >= 0.95
+    assert t["class"]["met"] == (t["class"]["ratio"] <= 0.1)
+    g = t["global"]
+    assert g["exact_qps"] == deleted_results["global_exact_qps"] and g["recall_at_10"] >= 0.95
+    assert g["met"] == (g["ratio"] >= 10)
+
+
+def test_machine_and_thread_settings_are_recorded(deleted_results, results) -> None:
+    import faiss
+
+    for r in (results, deleted_results):
+        t = r["threads"]
+        assert t["cpu_model"] and t["cpu_model"] in r["machine"]
+        assert t["cpus"] >= 1 and 1 <= t["usable_cpus"] <= t["cpus"]
+        assert t["faiss_omp_threads"] == faiss.omp_get_max_threads()
+        assert "OMP_NUM_THREADS" in t["env"] and isinstance(t["torch_imported"], bool)
+        assert t["faiss_simd_level"]
+    assert results["deleted_fraction"] == 0 and "deletion" not in results
+    assert results["deleted_returned"]["total"] == 0
+
+
+def test_bad_deleted_fraction_is_refused(capsys) -> None:
+    for value in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            main(["index", "--deleted", value])
+        assert "--deleted" in capsys.readouterr().err

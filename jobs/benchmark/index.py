@@ -3,8 +3,18 @@ and measures, all in one run: build time, peak memory and bytes per million vect
 latency (p50/p99) and recall@10 for each head-class threshold and HNSW breadth, against the exact
 class scan; global search QPS and recall@10 against exact search; the float16 vectors' recall
 against float32; and, with ``--compare-autofaiss``, autofaiss's index built on the same vectors.
-``--json FILE`` writes the figures. Nothing here imports torch (the build runs in a child process
-whose memory is measured); autofaiss, optional, is imported only for ``--compare-autofaiss``.
+``--deleted FRACTION`` deletes that share of the rows (random, seeded) after the build, as a
+takedown does (``delete_from_index``: tombstones, skipped inside every FAISS search), and measures
+everything against the truth over the live rows only, counting any deleted row returned (must be
+0). The issue's two targets are printed as ratios of the same run: class-restricted p99 through
+head indexes against the exact class scan's, and global QPS against exact search's, both at
+recall@10 >= ``--target-recall``. The CPU model, FAISS's threads and SIMD level and the thread
+environment variables are printed with the figures (graph walks are memory-latency bound, exact
+search BLAS bound: figures from different CPUs differ in their ratios too).
+``--json FILE`` writes the figures. Nothing here imports torch itself (the build runs in a child
+process whose memory is measured), but ``pipeline.index`` may (its builder reads embedding outputs
+through ``pipeline.embed_output``, which imports the model catalog): the run prints whether torch
+was imported. autofaiss, optional, is imported only for ``--compare-autofaiss``.
 
 The synthetic gallery follows what real embeddings measure (this project's EfficientNet-Lite0
 features of MNIST, Fashion-MNIST and the demo images, docs/PERFORMANCE.md "Index at scale"):
@@ -37,10 +47,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from jobs.benchmark.runner import batch_slices, latency_ms, machine
+from jobs.benchmark.runner import batch_slices, latency_ms, machine, thread_settings
 from pipeline.batch import WriteParts
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.index import IndexConfig, SearchParams, ShardedIndex, build_index
+from pipeline.index import IndexConfig, SearchParams, ShardedIndex, build_index, delete_from_index
+from pipeline.index.faiss_index import HEAD_MIN_ROWS
 from pipeline.manifests import EmbeddingManifest, ModelSet
 
 #: Random orientations shared out among the classes (a basis per class would take 1 MB each).
@@ -136,7 +147,30 @@ def _build_autofaiss(vectors_dir: str, index_path: str, infos_path: str, memory:
 
 
 def _recall(found: list[set], truth: list[set]) -> float:
-    return round(float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found, truth)])), 4)
+    # a class whose rows were all deleted has an empty truth: finding nothing there is right
+    return round(float(np.mean([len(f & t) / len(t) if t else float(not f) for f, t in zip(found, truth)])), 4)
+
+
+def _dead_found(found: list[set], dead: np.ndarray | None) -> int:
+    """How many of the returned ids are deleted rows (``dead``: a mask over ids; None: none deleted)."""
+    return 0 if dead is None else sum(int(dead[list(f)].sum()) for f in found if f)
+
+
+def faiss_settings() -> dict:
+    """FAISS's version, OpenMP threads and the SIMD level its kernels dispatch to (AVX2 on an AMD
+    EPYC before Zen 4, AVX-512 on recent Xeons: the SQ8 and float16 distance code differs), and the
+    BLAS libraries exact search runs on (threadpoolctl, when installed)."""
+    simd = getattr(faiss, "SIMDConfig", None)
+    settings = {"faiss_version": faiss.__version__, "faiss_omp_threads": faiss.omp_get_max_threads(),
+                "faiss_simd_level": simd.get_level_name() if simd is not None else None,
+                "faiss_compile_options": faiss.get_compile_options().strip(), "blas": None}
+    if importlib.util.find_spec("threadpoolctl") is not None:
+        from threadpoolctl import threadpool_info  # lazy: optional
+
+        settings["blas"] = [{k: lib.get(k) for k in ("internal_api", "version", "num_threads", "architecture",
+                                                      "threading_layer", "prefix")}
+                            for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return settings
 
 
 def _disk_bytes(index_dir: Path) -> dict:
@@ -161,9 +195,11 @@ def _float32_twin(index, vectors: dict[int, np.ndarray]):
     return twin
 
 
-def _class_search(index, exact_index, queries, q_cls, thresholds, efs, truth_ids) -> dict:
+def _class_search(index, exact_index, queries, q_cls, thresholds, efs, truth_ids, dead=None) -> dict:
     """Per query: the exact scan's latency, and for queries of head classes the head index's at
-    each breadth; then p50/p99 and recall for every (threshold, breadth) from those measurements."""
+    each breadth; then p50/p99 and recall for every (threshold, breadth) from those measurements,
+    with p99 over the head-class queries alone and the p99 as a share of the exact scan's.
+    ``dead``: a mask over ids of the deleted rows, counted when any comes back."""
     # One untimed pass through each path first: the memory-mapped files' pages are read from
     # disk on first touch, which a replica that has been serving has long done.
     for query, cls in zip(queries, q_cls):
@@ -185,23 +221,30 @@ def _class_search(index, exact_index, queries, q_cls, thresholds, efs, truth_ids
             hits = index.search_class(queries[q][None], [[q_cls[q]]], k=10, search=params)[0]
             head_s[ef][q] = time.perf_counter() - t0
             head_ids[ef][q] = {h.id for h in hits}
-    rows = [{"threshold": None, "ef_search": None, **latency_ms(exact_s, (50, 99), digits=3),
+    exact = latency_ms(exact_s, (50, 99), digits=3)
+    rows = [{"threshold": None, "ef_search": None, **exact,
              "max_ms": round(max(exact_s) * 1000, 3), "recall_at_10": _recall(exact_ids, truth_ids),
-             "recall_vs_exact_scan": 1.0, "queries_via_heads": 0}]
+             "recall_vs_exact_scan": 1.0, "queries_via_heads": 0, "heads_p99_ms": None, "p99_vs_exact_scan": 1.0}]
     for threshold in thresholds:
         for ef in efs:
             via = sizes >= threshold
             lat = [head_s[ef][q] if via[q] else exact_s[q] for q in range(len(queries))]
             ids = [head_ids[ef][q] if via[q] else exact_ids[q] for q in range(len(queries))]
-            rows.append({"threshold": threshold, "ef_search": ef, **latency_ms(lat, (50, 99), digits=3),
-                         "max_ms": round(max(lat) * 1000, 3), "recall_at_10": _recall(ids, truth_ids),
-                         "recall_vs_exact_scan": _recall(ids, exact_ids), "queries_via_heads": int(via.sum())})
-    return {"rows": rows, "exact_ids": exact_ids,
+            row = {"threshold": threshold, "ef_search": ef, **latency_ms(lat, (50, 99), digits=3),
+                   "max_ms": round(max(lat) * 1000, 3), "recall_at_10": _recall(ids, truth_ids),
+                   "recall_vs_exact_scan": _recall(ids, exact_ids), "queries_via_heads": int(via.sum()),
+                   "heads_p99_ms": latency_ms([head_s[ef][q] for q in np.flatnonzero(via)], (99,), digits=3)["p99_ms"]
+                   if via.any() else None}
+            row["p99_vs_exact_scan"] = round(row["p99_ms"] / exact["p99_ms"], 4) if exact["p99_ms"] else None
+            rows.append(row)
+    deleted_returned = _dead_found(exact_ids, dead) + sum(_dead_found(list(h.values()), dead) for h in head_ids.values())
+    return {"rows": rows, "exact_ids": exact_ids, "deleted_returned": deleted_returned,
             "queried_class_rows": {"median": int(np.median(sizes)), "p99": int(np.percentile(sizes, 99)),
                                    "max": int(sizes.max())}}
 
 
-def _global_search(index, queries, efs, truth) -> list[dict]:
+def _global_search(index, queries, efs, truth, dead=None) -> list[dict]:
+    """QPS and recall of one batch per breadth; each row counts the deleted rows returned (``dead``)."""
     rows = []
     index.search_global(queries, k=10, search=SearchParams(ef_search=max(efs)))  # untimed: page the files in
     for ef in efs:
@@ -209,15 +252,17 @@ def _global_search(index, queries, efs, truth) -> list[dict]:
         start = time.perf_counter()
         found = index.search_global(queries, k=10, search=params)
         qps = len(queries) / (time.perf_counter() - start)
-        rows.append({"ef_search": ef, "qps": round(qps, 1), "recall_at_10": _recall([{h.id for h in hits} for hits in found], truth)})
+        ids = [{h.id for h in hits} for hits in found]
+        rows.append({"ef_search": ef, "qps": round(qps, 1), "recall_at_10": _recall(ids, truth),
+                     "deleted_returned": _dead_found(ids, dead)})
     return rows
 
 
 def _autofaiss(scratch: Path, vectors: np.ndarray, queries: np.ndarray, truth: list[set], match: float,
-               memory: str, index_memory: str) -> dict:
+               memory: str, index_memory: str, ids: np.ndarray | None = None) -> dict:
     """autofaiss's index on the same vectors: built in a child process with its defaults and the
     memory budget ``index_memory``, then its search parameter swept to the setting that first
-    reaches ``match`` recall@10."""
+    reaches ``match`` recall@10. ``ids``: the id of each of ``vectors`` (default: its row number)."""
     folder = scratch / "autofaiss-input"
     folder.mkdir()
     np.save(folder / "vectors.npy", vectors)
@@ -234,9 +279,11 @@ def _autofaiss(scratch: Path, vectors: np.ndarray, queries: np.ndarray, truth: l
         space.set_index_parameter(index, name, value)
         index.search(queries[:10], 10)
         start = time.perf_counter()
-        _, ids = index.search(queries, 10)
+        _, found = index.search(queries, 10)
+        if ids is not None:
+            found = np.where(found >= 0, ids[np.maximum(found, 0)], -1)
         qps = len(queries) / (time.perf_counter() - start)
-        recall = _recall([set(row[row >= 0].tolist()) for row in ids], truth)
+        recall = _recall([set(row[row >= 0].tolist()) for row in found], truth)
         sweep.append({name: value, "qps": round(qps, 1), "recall_at_10": recall})
         if recall >= match:
             break
@@ -247,11 +294,22 @@ def _autofaiss(scratch: Path, vectors: np.ndarray, queries: np.ndarray, truth: l
 
 def bench_index(args: argparse.Namespace) -> dict:
     decay = None if args.isotropic else args.spectrum_decay
+    thresholds = sorted(args.head_thresholds)
+    # Heads are built down to the smallest threshold; larger thresholds are read off the same run.
+    config = {"shard_size": args.shard_size, "global_index": args.global_index, "head_min_rows": thresholds[0]}
+    if args.hnsw_m is not None:
+        config["hnsw_m"] = args.hnsw_m
+    if args.ef_construction is not None:
+        config["ef_construction"] = args.ef_construction
+    built_with = IndexConfig(**config)
     results: dict = {"rows": args.rows, "dim": args.dim, "classes": args.classes, "queries": args.queries,
                      "noise": args.noise, "within_class": "isotropic" if decay is None else f"1/j^{decay}",
                      "centres": "random" if args.random_centres else "related",
-                     "vector_dtype": args.vector_dtype, "machine": machine(), "faiss_threads": faiss.omp_get_max_threads()}
-    thresholds = sorted(args.head_thresholds)
+                     "vector_dtype": args.vector_dtype, "machine": machine(),
+                     "threads": {**thread_settings(), **faiss_settings()},
+                     "faiss_threads": faiss.omp_get_max_threads(),
+                     "hnsw_m": built_with.hnsw_m, "ef_construction": built_with.ef_construction,
+                     "deleted_fraction": args.deleted}
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         emb, index_dir = Path(scratch) / "emb", Path(scratch) / "index"
         start = time.perf_counter()
@@ -260,10 +318,27 @@ def bench_index(args: argparse.Namespace) -> dict:
         results["generate_s"] = round(time.perf_counter() - start, 1)
         print(f"generated {args.rows:,} vectors in {results['generate_s']} s; building the index ...", flush=True)
 
-        # Heads are built down to the smallest threshold; larger thresholds are read off the same run.
-        config = {"shard_size": args.shard_size, "global_index": args.global_index, "head_min_rows": thresholds[0]}
         seconds, peak = _in_child(_build, str(emb), str(index_dir), config, args.vector_dtype)
         results["build_s"], results["build_peak_rss_gb"] = round(seconds, 1), peak
+        vectors, classes = gallery["vectors"], gallery["classes"]
+
+        dead = None  # a mask over ids (= the generated rows) of the deleted ones
+        if args.deleted:
+            doomed = np.random.default_rng(args.seed + 2).choice(args.rows, round(args.deleted * args.rows), replace=False)
+            start = time.perf_counter()
+            manifest = delete_from_index(index_dir, doomed)
+            results["delete_s"] = round(time.perf_counter() - start, 2)
+            dead = np.zeros(args.rows, dtype=bool)
+            dead[doomed] = True
+            tombstoned = sum((s.deleted or {}).get("rows", 0) for s in manifest.shards)
+            # Past the compaction threshold a shard is rebuilt without its deleted rows instead: then
+            # the search skips nothing, and the figures measure a compacted index.
+            results["deletion"] = {"deleted_rows": int(len(doomed)), "tombstoned_rows": int(tombstoned),
+                                   "compacted_rows": int(len(doomed) - tombstoned),
+                                   "shards_with_tombstones": sum(bool(s.deleted) for s in manifest.shards),
+                                   "version": manifest.version}
+            print(f"deleted {len(doomed):,} rows ({args.deleted:.0%}) in {results['delete_s']} s: "
+                  f"{tombstoned:,} as tombstones; measuring against the live rows", flush=True)
         index = ShardedIndex.load(index_dir, verify=False)
         exact_index = ShardedIndex.load(index_dir, verify=False, heads=False)
         disk = _disk_bytes(index_dir)
@@ -278,49 +353,92 @@ def bench_index(args: argparse.Namespace) -> dict:
         rng = np.random.default_rng(args.seed + 1)
         q_cls = rng.choice(args.classes, args.queries, p=gallery["weights"])
         queries = gallery["sample"](q_cls).astype(np.float32)
-        vectors, classes = gallery["vectors"], gallery["classes"]
 
-        # The truth: exact top-10 over the float32 vectors, inside the class and over all.
+        # The truth: exact top-10 over the float32 vectors of the live rows, inside the class and over all.
+        live = np.arange(args.rows) if dead is None else np.flatnonzero(~dead)
+        live_classes = classes[live]
         truth_class = []
         for query, cls in zip(queries, q_cls):
-            members = np.flatnonzero(classes == cls)
+            members = live[live_classes == cls]
             sims = vectors[members] @ query
             truth_class.append(set(members[np.argsort(-sims, kind="stable")[:10]].tolist()))
+        live_vectors = vectors if dead is None else vectors[live]
+        # Exact global search over the live rows alone (a compacted flat index: the fastest exact
+        # search there is, so the approximate index's speed-up against it is not flattered).
         flat = faiss.IndexFlatIP(args.dim)
-        flat.add(vectors)
+        flat.add(live_vectors)
         flat.search(queries[:10], 10)
         start = time.perf_counter()
         _, exact_pos = flat.search(queries, 10)
         results["global_exact_qps"] = round(args.queries / (time.perf_counter() - start), 1)
         del flat
-        truth_global = [set(row.tolist()) for row in exact_pos]
+        truth_global = [set(live[row[row >= 0]].tolist()) for row in exact_pos]
+        results["truth_has_deleted"] = _dead_found(truth_class, dead) + _dead_found(truth_global, dead)
 
-        cls_results = _class_search(index, exact_index, queries, q_cls, thresholds, args.ef_search, truth_class)
+        cls_results = _class_search(index, exact_index, queries, q_cls, thresholds, args.ef_search, truth_class, dead)
         results["class_search"] = cls_results["rows"]
         results["queried_class_rows"] = cls_results["queried_class_rows"]
-        results["global_search"] = _global_search(index, queries, args.ef_search, truth_global)
+        returned = {"class_search": cls_results["deleted_returned"]}
+        results["global_search"] = _global_search(index, queries, args.ef_search, truth_global, dead)
+        returned["global_search"] = sum(r["deleted_returned"] for r in results["global_search"])
         for row in results["global_search"]:
             row["speedup_vs_exact"] = round(row["qps"] / results["global_exact_qps"], 1)
         if args.vector_dtype == "float16":
             # ids are the generated vectors' row numbers
             by_shard = {n: vectors[shard.ids] for n, shard in index._shards.items()}
             twin, twin_exact = _float32_twin(index, by_shard), _float32_twin(exact_index, by_shard)
-            twin_class = _class_search(twin, twin_exact, queries, q_cls, thresholds, args.ef_search, truth_class)
+            twin_class = _class_search(twin, twin_exact, queries, q_cls, thresholds, args.ef_search, truth_class, dead)
             results["class_search_float32"] = twin_class["rows"]
-            results["global_search_float32"] = _global_search(twin, queries, args.ef_search, truth_global)
+            results["global_search_float32"] = _global_search(twin, queries, args.ef_search, truth_global, dead)
+            returned["float32_twin"] = twin_class["deleted_returned"] + sum(
+                r["deleted_returned"] for r in results["global_search_float32"])
+        results["deleted_returned"] = {**returned, "total": sum(returned.values())}
         results["chosen"] = _choose(results, args)
+        results["targets"] = _targets(results, args)
         if args.compare_autofaiss:
             match = results["chosen"]["global"]["recall_at_10"] if results["chosen"]["global"] else args.target_recall
             print("building autofaiss's index on the same vectors ...", flush=True)
             # The same memory budget as our index takes, unless given.
             budget = args.autofaiss_index_memory or f"{max(1, round(sum(disk.values()) / 2**20))}M"
-            results["autofaiss"] = _autofaiss(Path(scratch), vectors, queries, truth_global, match,
-                                              args.autofaiss_memory, budget)
+            results["autofaiss"] = _autofaiss(Path(scratch), live_vectors, queries, truth_global, match,
+                                              args.autofaiss_memory, budget, None if dead is None else live)
             ours = results["chosen"]["global"] or {}
             results["ours"] = {"build_s": results["build_s"], "build_peak_rss_gb": results["build_peak_rss_gb"],
                                "bytes_on_disk": sum(disk.values()), "recall_at_10": ours.get("recall_at_10"),
                                "qps": ours.get("qps")}
     return results
+
+
+def _targets(results: dict, args: argparse.Namespace) -> dict:
+    """The issue's two targets as ratios of this run, each at recall@10 >= ``--target-recall``:
+    class-restricted p99 through head indexes / the exact class scan's p99 (target <= 1/10), at the
+    best (threshold, breadth) measured and at the index's defaults; global QPS / exact QPS (target
+    >= 10x), at the smallest breadth reaching the recall and at the default breadth."""
+    defaults = SearchParams()
+    exact_p99 = results["class_search"][0]["p99_ms"]
+    heads = [r for r in results["class_search"][1:] if r["recall_at_10"] >= args.target_recall]
+    best_class = min(heads, key=lambda r: (r["p99_ms"], -r["threshold"], r["ef_search"]), default=None)
+    default_class = next((r for r in results["class_search"][1:] if r["threshold"] == HEAD_MIN_ROWS
+                          and r["ef_search"] == defaults.head_ef_search), None)
+    best_global = next((r for r in results["global_search"] if r["recall_at_10"] >= args.target_recall), None)
+    default_global = next((r for r in results["global_search"] if r["ef_search"] == defaults.ef_search), None)
+
+    def cls(row):
+        return None if row is None else {
+            "threshold": row["threshold"], "ef_search": row["ef_search"], "p99_ms": row["p99_ms"],
+            "exact_scan_p99_ms": exact_p99, "ratio": row["p99_vs_exact_scan"], "recall_at_10": row["recall_at_10"],
+            "met": row["recall_at_10"] >= args.target_recall and row["p99_vs_exact_scan"] <= args.target_class_ratio}
+
+    def glob(row):
+        return None if row is None else {
+            "ef_search": row["ef_search"], "qps": row["qps"], "exact_qps": results["global_exact_qps"],
+            "ratio": row["speedup_vs_exact"], "recall_at_10": row["recall_at_10"],
+            "met": row["recall_at_10"] >= args.target_recall and row["speedup_vs_exact"] >= args.target_speedup}
+
+    return {"recall": args.target_recall, "class_p99_ratio_at_most": args.target_class_ratio,
+            "global_speedup_at_least": args.target_speedup,
+            "class": cls(best_class), "class_at_defaults": cls(default_class),
+            "global": glob(best_global), "global_at_default": glob(default_global)}
 
 
 def _choose(results: dict, args: argparse.Namespace) -> dict:
@@ -344,8 +462,23 @@ def print_index(results: dict, args: argparse.Namespace | None = None) -> None:
           f"{results['within_class']}), "
           f"{results['shards']} shard(s), {results['queries']} queries, vectors {results['vector_dtype']} "
           f"({results['machine']}, FAISS threads {results['faiss_threads']})")
-    print(f"build: {results['build_s']} s, peak RSS {results['build_peak_rss_gb']} GB "
+    t = results["threads"]
+    env = ", ".join(f"{k}={v}" for k, v in t["env"].items() if v is not None) or "none set"
+    blas = "; ".join(f"{b['internal_api']} {b['version']} {b['architecture']} {b['num_threads']} threads "
+                     f"({b['prefix']})" for b in t["blas"] or []) or "unknown (no threadpoolctl)"
+    print(f"CPU: {t['cpu_model']}, {t['cpus']} CPUs ({t['usable_cpus']} usable); FAISS {t['faiss_version']}: "
+          f"{t['faiss_omp_threads']} OpenMP threads, SIMD {t['faiss_simd_level']}; BLAS: {blas}; "
+          f"thread variables: {env}; torch {'imported' if t['torch_imported'] else 'not imported'}")
+    print(f"build: {results['build_s']} s, peak RSS {results['build_peak_rss_gb']} GB, HNSW M {results['hnsw_m']}, "
+          f"efConstruction {results['ef_construction']} "
           f"(synthetic data generated in {results['generate_s']} s, not counted)")
+    if results.get("deletion"):
+        d, r = results["deletion"], results["deleted_returned"]
+        print(f"deleted: {d['deleted_rows']:,} rows ({results['deleted_fraction']:.0%}, version {d['version']}, "
+              f"{results['delete_s']} s): {d['tombstoned_rows']:,} tombstoned in {d['shards_with_tombstones']} "
+              f"shard(s), {d['compacted_rows']:,} compacted away; truth over the live rows only "
+              f"(deleted ids in it: {results['truth_has_deleted']}); deleted ids returned by any search: "
+              f"{r['total']} ({', '.join(f'{k} {v}' for k, v in r.items() if k != 'total')})")
     per = results["bytes_per_million"]
     print("bytes per million vectors: " + ", ".join(f"{k} {v / 2**20:,.0f} MiB" for k, v in per.items())
           + f"; total {sum(per.values()) / 2**30:.2f} GiB")
@@ -355,15 +488,18 @@ def print_index(results: dict, args: argparse.Namespace | None = None) -> None:
     print(f"class-restricted search, top-10, one query at a time (queried class sizes: median "
           f"{sizes['median']}, p99 {sizes['p99']}, max {sizes['max']} rows):")
     print(f"  {'heads from':>11}{'head ef':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'recall@10':>11}"
-          f"{'vs exact scan':>15}{'via heads':>11}")
+          f"{'vs exact scan':>15}{'via heads':>11}{'heads p99':>11}{'p99/exact':>11}")
     f32 = results.get("class_search_float32")
     for i, row in enumerate(results["class_search"]):
         label = "exact scan" if row["threshold"] is None else f"{row['threshold']:,}"
         ef = "" if row["ef_search"] is None else row["ef_search"]
         extra = f"  (float32: {f32[i]['recall_at_10']:.4f}, {f32[i]['p99_ms']:.3f} ms p99)" if f32 else ""
+        heads_p99 = "" if row.get("heads_p99_ms") is None else f"{row['heads_p99_ms']:.3f}"
+        share = "" if row.get("p99_vs_exact_scan") is None else f"{row['p99_vs_exact_scan']:.3f}"
         print(f"  {label:>11}{ef:>8}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['max_ms']:>9.3f}"
-              f"{row['recall_at_10']:>11.4f}{row['recall_vs_exact_scan']:>15.4f}{row['queries_via_heads']:>11}{extra}")
-    print(f"global exact (flat float32, batched): {results['global_exact_qps']} QPS")
+              f"{row['recall_at_10']:>11.4f}{row['recall_vs_exact_scan']:>15.4f}{row['queries_via_heads']:>11}"
+              f"{heads_p99:>11}{share:>11}{extra}")
+    print(f"global exact (flat float32 over the live rows, batched): {results['global_exact_qps']} QPS")
     print(f"  {'ef_search':<10}{'QPS':>10}{'recall@10':>11}{'x exact':>9}")
     f32 = results.get("global_search_float32")
     for i, row in enumerate(results["global_search"]):
@@ -378,6 +514,7 @@ def print_index(results: dict, args: argparse.Namespace | None = None) -> None:
                         f"recall {c['recall_vs_exact_scan']} vs the exact scan)" if c else "no class setting meets the targets")
           + "; " + (f"global ef_search {g['ef_search']} ({g['speedup_vs_exact']}x exact QPS at recall {g['recall_at_10']})"
                     if g else "no global setting meets the recall target"))
+    _print_targets(results["targets"])
     if "autofaiss" in results:
         a, ours = results["autofaiss"], results["ours"]
         m = a["matched"]
@@ -392,11 +529,41 @@ def print_index(results: dict, args: argparse.Namespace | None = None) -> None:
         print("  autofaiss sweep: " + ", ".join(" ".join(f"{k} {v}" for k, v in row.items()) for row in a["sweep"]))
 
 
+def _print_targets(t: dict) -> None:
+    """The two targets side by side, ratios of this one run."""
+    print(f"targets (ratios of this run, at recall@10 >= {t['recall']}): class p99 via heads <= "
+          f"{t['class_p99_ratio_at_most']:g} x the exact class scan's; global QPS >= {t['global_speedup_at_least']:g} x exact")
+
+    def cls(label, c):
+        if c is None:
+            return f"  class  {label}: no head setting reaches the recall"
+        return (f"  class  {label}: heads from {c['threshold']:,}, head ef {c['ef_search']}: p99 {c['p99_ms']} ms / "
+                f"exact scan {c['exact_scan_p99_ms']} ms = {c['ratio']:.3f} (recall {c['recall_at_10']:.4f}) "
+                f"-> {'met' if c['met'] else 'NOT met'}")
+
+    def glob(label, g):
+        if g is None:
+            return f"  global {label}: no breadth measured reaches the recall"
+        return (f"  global {label}: ef_search {g['ef_search']}: {g['qps']} QPS / exact {g['exact_qps']} QPS = "
+                f"{g['ratio']}x (recall {g['recall_at_10']:.4f}) -> {'met' if g['met'] else 'NOT met'}")
+
+    print(cls("best measured", t["class"]))
+    if t["class_at_defaults"] is not None:
+        print(cls("at the defaults", t["class_at_defaults"]))
+    print(glob("best measured", t["global"]))
+    if t["global_at_default"] is not None:
+        print(glob("at the default", t["global_at_default"]))
+
+
 def check_index(args: argparse.Namespace) -> str | None:
     if min(args.rows, args.dim, args.classes, args.queries) < 1:
         return "--rows, --dim, --classes and --queries must be >= 1"
     if min(args.head_thresholds) < 1 or min(args.ef_search) < 1:
         return "--head-thresholds and --ef-search must be >= 1"
+    if not 0 <= args.deleted < 1:
+        return "--deleted must be a fraction in [0, 1)"
+    if (args.hnsw_m is not None and args.hnsw_m < 2) or (args.ef_construction is not None and args.ef_construction < 1):
+        return "--hnsw-m must be >= 2 and --ef-construction >= 1"
     if args.compare_autofaiss and importlib.util.find_spec("autofaiss") is None:
         return "--compare-autofaiss needs autofaiss: make install-autofaiss"
     return None
@@ -424,8 +591,18 @@ def add_arguments(index: argparse.ArgumentParser) -> None:
                        help="class sizes from which classes get their own index, compared in one run")
     index.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128, 256, 512],
                        help="HNSW search breadths compared (head classes and global)")
+    index.add_argument("--hnsw-m", type=int, help="HNSW graph degree (IndexConfig.hnsw_m; default: the builder's)")
+    index.add_argument("--ef-construction", type=int,
+                       help="HNSW build breadth (IndexConfig.ef_construction; default: the builder's)")
+    index.add_argument("--deleted", type=float, default=0.0, metavar="FRACTION",
+                       help="delete this fraction of the rows after the build (random, seeded; tombstones "
+                            "below the compaction threshold) and measure against the live rows (default: 0)")
     index.add_argument("--target-p99-ms", type=float, default=1.0)
     index.add_argument("--target-recall", type=float, default=0.95)
+    index.add_argument("--target-class-ratio", type=float, default=0.1,
+                       help="class target: p99 via heads at most this share of the exact class scan's (default: 0.1)")
+    index.add_argument("--target-speedup", type=float, default=10.0,
+                       help="global target: QPS at least this multiple of exact search's (default: 10)")
     index.add_argument("--compare-autofaiss", action="store_true",
                        help="also build autofaiss's index on the same vectors (make install-autofaiss)")
     index.add_argument("--autofaiss-memory", default="16G", help="autofaiss's current_memory_available (default: 16G)")

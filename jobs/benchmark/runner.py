@@ -11,15 +11,49 @@ import json
 import os
 import platform
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 
+#: Environment variables that set thread counts or instruction sets of the libraries measured.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "FAISS_SIMD_LEVEL",
+                    "OPENBLAS_CORETYPE")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, e.g. a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def machine() -> str:
     """The machine the figures come from, as the results and the printed headers name it."""
-    return f"{platform.machine()}, {os.cpu_count()} CPUs"
+    return f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def thread_settings() -> dict:
+    """What sets the benchmark's parallelism: CPUs, the thread environment variables (unset: None),
+    and whether torch (whose own thread pool competes with FAISS's OpenMP) was imported. An area
+    adds its libraries' own figures (the index benchmark: FAISS's OpenMP threads and SIMD level)."""
+    return {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "usable_cpus": usable_cpus(),
+            "env": {name: os.environ.get(name) for name in THREAD_VARIABLES},
+            "torch_imported": "torch" in sys.modules}
 
 
 def free_port() -> int:
