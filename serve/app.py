@@ -66,7 +66,8 @@ class AppConfig:
         crop: default crop policy, ``auto`` (crop when a box qualifies) or ``off``.
         strategy: the default search strategy: a name (``global``, ``class@N``, ``gated@N:TAU``,
             ``rerank:BETA``) or a ``jobs.evaluate --recommend`` file; default the index's, else global.
-        retriever_shards: shard numbers of each retriever deployment; default one retriever with all.
+        retriever_shards: shard numbers of each retriever deployment; default one retriever with all
+            (of every version). Shards a later version adds (new classes) go to the last group.
         retriever_actor_options: ``ray_actor_options`` of each retriever deployment, e.g. custom
             resources that pin a shard group to the nodes that hold it in memory.
         max_body_mb: largest accepted upload.
@@ -246,8 +247,8 @@ class Retriever:
     names (it follows the index: :class:`pipeline.index.follow.FollowedIndex`)."""
 
     def __init__(self, index: str, shards: list[int] | None, expect_models: dict[str, str],
-                 poll_s: float = 0.0) -> None:
-        self.index = FollowedIndex(index, shards=shards, expect_models=expect_models)
+                 poll_s: float = 0.0, new_shards: bool = False) -> None:
+        self.index = FollowedIndex(index, shards=shards, new_shards=new_shards, expect_models=expect_models)
         self.index.start(poll_s)
 
     def prepare(self, version: int) -> list[int]:
@@ -537,10 +538,20 @@ def build_app(args: dict) -> serve.Application:
     if diffs:
         raise ValueError(f"a model override differs from the index's ({'; '.join(diffs)}); queries must be "
                          f"embedded like the gallery — rebuild the index or drop the override")
-    shards = config.retriever_shards or [list(range(len(manifest.shards)))]
+    # One retriever owns every shard of every version, unless retriever_shards groups them; then
+    # shards a later version adds (new classes) go to the last group.
+    shards = config.retriever_shards or [None]
+    if shards == [None]:
+        return _graph(config, index, manifest, specs, [None])
     covered = sorted(s for group in shards for s in group)
     if covered != list(range(len(manifest.shards))):
         raise ValueError(f"retriever_shards must cover shards 0..{len(manifest.shards) - 1} once each, got {shards}")
+    return _graph(config, index, manifest, specs, shards)
+
+
+def _graph(config: AppConfig, index: Location, manifest: IndexManifest, specs: dict[str, str],
+           shards: list[list[int] | None]) -> serve.Application:
+    """The deployment graph: models, one retriever per shard group (None: all shards), the ingress."""
     batching = dict(max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_timeout_s)
     # A deployment's settings in serve/config.yaml override these; model_autoscaling is for
     # `serve run serve.app:build_app ...` and the benchmarks.
@@ -555,7 +566,8 @@ def build_app(args: dict) -> serve.Application:
     if len(options) != len(shards):
         raise ValueError(f"retriever_actor_options has {len(options)} entries for {len(shards)} retrievers")
     retrievers = [Retriever.options(name=f"Retriever{i}", ray_actor_options={"num_cpus": 0.25} | opts)
-                  .bind(str(index), group, specs, config.index_poll_s) for i, (group, opts) in enumerate(zip(shards, options))]
+                  .bind(str(index), group, specs, config.index_poll_s, i == len(shards) - 1)
+                  for i, (group, opts) in enumerate(zip(shards, options))]
     detector = Detector.bind(config.detector, config.device, config.crop_policy, **batching) \
         if config.detector else None
     strategy = Strategy.resolve(config.strategy, manifest.strategy)  # a file is read here, once

@@ -215,3 +215,15 @@ def test_versions_on_an_object_store_and_the_cache_keeps_two(tmp_path: Path, s3_
     cached = {p.name for p in next((tmp_path / "cache").glob("index-*")).joinpath("shards").iterdir()}
     wanted = {s.path.split("/")[1] for v in (3, 4) for s in read_version(index, v).shards}
     assert cached == wanted
+
+
+def test_a_followed_shard_group_takes_the_shards_a_version_adds(tmp_path: Path) -> None:
+    a, b = synthetic(900, classes=9, seed=14), synthetic(900, classes=12, seed=15, id_offset=10_000)
+    b = subset(b, b["classes"][:, 0] >= 9)  # new classes: new shards
+    build_index(write_embeddings(tmp_path / "a", a), tmp_path / "index", IndexConfig(shard_size=300))
+    first = FollowedIndex(tmp_path / "index", shards=[0])
+    last = FollowedIndex(tmp_path / "index", shards=[1, 2], new_shards=True)
+    manifest = append_index(write_embeddings(tmp_path / "b", b), tmp_path / "index")
+    assert first.refresh() == last.refresh() == 2 and len(manifest.shards) > 3
+    assert first.current.shard_numbers == [0] and last.current.shard_numbers == list(range(1, len(manifest.shards)))
+    assert len(first.current) + len(last.current) == 900 + len(b["id"])

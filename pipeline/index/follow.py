@@ -28,17 +28,23 @@ class FollowedIndex:
     Args:
         where: the index folder or object store URI.
         keep: versions held at most (the newest ones used).
-        load: :meth:`ShardedIndex.load` arguments (``shards``, ``expect_models``, ...).
+        shards: the shard numbers this process serves (None: all of every version).
+        new_shards: also serve the shards a later version adds beyond every number in ``shards``
+            (the last of a service's retriever groups takes them).
+        load: other :meth:`ShardedIndex.load` arguments (``expect_models``, ...).
     """
 
-    def __init__(self, where: str | Location, keep: int = 2, **load) -> None:
+    def __init__(self, where: str | Location, keep: int = 2, shards: list[int] | None = None,
+                 new_shards: bool = False, **load) -> None:
         self.where = Location(where)
         self.keep = max(1, keep)
+        self._shards = None if shards is None else sorted(shards)
+        self._new_shards = new_shards
         self._load = load
         self._lock = threading.Lock()  # one load at a time; readers never wait on it for a held version
         self._held: OrderedDict[int, ShardedIndex] = OrderedDict()
         self._stop = threading.Event()
-        first = ShardedIndex.load(self.where, **load)
+        first = self._load_version(None)
         self._held[first.version] = first
         self.latest = first.version
 
@@ -58,8 +64,22 @@ class FollowedIndex:
             return found
         with self._lock:
             if version not in self._held:
-                self._add(ShardedIndex.load(self.where, version=version, reuse=self.current, **self._load))
+                self._add(self._load_version(version, reuse=self.current))
             return self._held[version]
+
+    def shards_of(self, manifest) -> list[int] | None:
+        """The shard numbers of ``manifest`` this process serves (None: all)."""
+        if self._shards is None:
+            return None
+        mine = [n for n in self._shards if n < len(manifest.shards)]
+        if self._new_shards:
+            mine += list(range(max(self._shards, default=-1) + 1, len(manifest.shards)))
+        return mine
+
+    def _load_version(self, version: int | None, reuse: ShardedIndex | None = None) -> ShardedIndex:
+        manifest = read_version(self.where, version)
+        return ShardedIndex.load(self.where, version=manifest.version, shards=self.shards_of(manifest),
+                                 reuse=reuse, **self._load)
 
     def refresh(self) -> int | None:
         """Loads the published version when it is newer than every held one; returns it, or None
