@@ -19,6 +19,7 @@ from jobs.benchmark.runner import write_json
 AREAS = {
     "batch": "embedding job throughput vs the model-only ceiling",
     "index": "index build, class-restricted latency, global QPS and recall",
+    "publish": "publish latency (publish -> loaded by a follower) and the swap's memory",
     "scale": "the embedding job on an ImageNet-22k-shaped input (21,841 tars)",
     "serve": "the Ray Serve graph under a bounded loopback load",
     "uploads": "ingress memory under a burst of large uploads, budget on and off",
