@@ -214,8 +214,9 @@ class ShardedIndex:
             heads: load the head classes' own indexes (False: every class is scanned exactly).
             version: a published version (default: the current one, which ``manifest.json`` names).
             reuse: a loaded version of the same index whose shards are taken over where the new
-                version did not change them (same files, same tombstones): a service that follows
-                the index loads only what changed, so a swap holds two copies of those shards only.
+                version did not rewrite them (same files; new tombstones are read and applied): a
+                service that follows the index loads only what changed, so a swap holds two copies
+                of the rewritten shards only.
 
         Raises:
             FileNotFoundError: no manifest.
@@ -227,11 +228,10 @@ class ShardedIndex:
         if expect_models:
             manifest.models.require(expect_models, f"the index {where}")
         numbers = range(len(manifest.shards)) if shards is None else list(shards)
-        shared = {}
+        shared = {}  # shards whose files the held version already has mapped
         if reuse is not None and reuse.root == where:
             shared = {n: shard for n, shard in reuse._shards.items() if n < len(manifest.shards)
-                      and reuse.manifest.shards[n].path == manifest.shards[n].path
-                      and reuse.manifest.shards[n].deleted == manifest.shards[n].deleted}
+                      and reuse.manifest.shards[n].path == manifest.shards[n].path}
         if where.remote:
             root = cached_copy(where, manifest, [n for n in numbers if n not in shared])
             verify = False  # every file was just checked against its sha256
@@ -243,8 +243,9 @@ class ShardedIndex:
             if not 0 <= number < len(manifest.shards):
                 raise ValueError(f"shard {number} does not exist (index has {len(manifest.shards)})")
             entry = manifest.shards[number]
-            if number in shared:
-                loaded.append(shared[number])
+            if number in shared:  # the same files; only its tombstones may have changed
+                same = reuse.manifest.shards[number].deleted == entry.deleted
+                loaded.append(shared[number] if same else replace(shared[number], dead=read_tombstones(where, entry)))
                 continue
             if not heads:
                 entry = replace(entry, heads=[])
