@@ -85,9 +85,9 @@ def test_no_deleted_id_returned_and_every_added_row_found(synthetic) -> None:
 def test_each_change_touches_the_shards_it_should(synthetic) -> None:
     delete, append, new_class = synthetic["runs"][0]["steps"]
     shards = synthetic["runs"][0]["shards"]
-    # a takedown rebuilds nothing: tombstones; the follower reloads the shards given them
+    # a takedown rebuilds nothing: tombstones; the follower maps no file again (new tombstones only)
     assert delete["shards"]["rebuilt"] == delete["shards"]["new"] == 0 and delete["shards"]["tombstoned"] >= 1
-    assert delete["refresh"]["shards_loaded"] == delete["shards"]["tombstoned"]
+    assert delete["refresh"]["shards_loaded"] == 0 and delete["refresh"]["shards_reused"] == shards
     # an append into one known class rebuilds that class's shard, the others are reused
     assert len(append["into_classes"]) == 1
     assert append["shards"]["rebuilt"] == 1 and append["shards"]["new"] == 0

@@ -196,7 +196,9 @@ def _follow(conn, root: str) -> None:
                 old = followed.current
                 version, figures = _measured_load(root, followed.refresh)
                 new = followed.current
-                reused = sorted(n for n, shard in new._shards.items() if old._shards.get(n) is shard)
+                # Reused: the held version's mapped files taken over (new tombstones at most).
+                reused = sorted(n for n, shard in new._shards.items()
+                                if n in old._shards and old._shards[n].vectors is shard.vectors)
                 loaded = sorted(set(new._shards) - set(reused))
                 figures |= {"version": version, "held": followed.held(), "shards_reused": len(reused),
                             "shards_loaded": len(loaded), "loaded_shard_numbers": loaded,

@@ -60,9 +60,18 @@ def publish(index_dir: Location | str, manifest: IndexManifest) -> IndexManifest
 
 
 def read_version(index_dir: Location | str, version: int | None = None) -> IndexManifest:
-    """The current version's manifest, or a published version's."""
+    """The current version's manifest, or a published version's (an index written before versions
+    has no ``versions/``: its one version is the pointer's)."""
     index_dir = Location(index_dir)
-    return IndexManifest.read(index_dir) if version is None else IndexManifest.read(index_dir, version_file(version))
+    if version is None:
+        return IndexManifest.read(index_dir)
+    try:
+        return IndexManifest.read(index_dir, version_file(version))
+    except FileNotFoundError:
+        current = IndexManifest.read(index_dir)
+        if current.version == version:
+            return current
+        raise
 
 
 def published(index_dir: Location | str) -> list[int]:
