@@ -2,11 +2,14 @@
 
     python -m jobs.embed --input DIR_OR_URI [...] --output OUT [--classifier SPEC] [--embedder SPEC]
                          [--limit N] [--batch-size B] [--num-gpus G] [--num-actors A] ...
+    python -m jobs.embed --output OUT --delete FILE     (ids or image uris, one a line; - for stdin)
 
-Runs against the Ray cluster it finds (``ray job submit``, ``RAY_ADDRESS``) or starts a local one.
-Writes ``OUT/embeddings/*.parquet``, ``OUT/errors/*.parquet``, ``OUT/manifest.json``,
-``OUT/summary.json`` and ``OUT/config.json``. Re-running the same command resumes: images whose
-ids are already in the outputs are skipped, so an interrupted run finishes without redoing work.
+Runs against the Ray cluster it finds (``ray job submit``, ``RAY_ADDRESS``) or starts a local one,
+when there is something to embed. Writes ``OUT/embeddings/*.parquet``, ``OUT/errors/*.parquet``,
+``OUT/changes/run-*.json``, ``OUT/manifest.json``, ``OUT/summary.json`` and ``OUT/config.json``.
+Re-running the same command follows the inputs: it embeds only new images and images whose content
+changed, records images that left the inputs as deleted (the run's change log), and finishes an
+interrupted run without redoing its work. ``--delete`` records deletions without reading the inputs.
 
 This module parses the arguments; the job itself is :mod:`pipeline.embed_job`.
 """
@@ -17,21 +20,26 @@ import argparse
 import logging
 import sys
 
-import ray
-
 from pipeline.embed_job import prepare, run
-from pipeline.embed_output import EmbedConfig
+from pipeline.embed_output import EmbedConfig, delete_images, describe_changes, parse_deletes
 from pipeline.files import check_output_folder
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.models import DEFAULT_CLASSIFIER, DEFAULT_EMBEDDER
+from pipeline.storage import Location
 
 
-def parse_args(argv: list[str] | None) -> EmbedConfig:
+def parse_args(argv: list[str] | None) -> EmbedConfig | argparse.Namespace:
+    """The run's settings, or (``--delete``) the namespace with ``output`` and ``delete``."""
     parser = argparse.ArgumentParser(prog="python -m jobs.embed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", action="append", required=True, metavar="PATH_OR_URI",
-                        help="folder (flat or class sub-folders), tar, webdataset shard or parquet; repeatable")
+    parser.add_argument("--input", action="append", metavar="PATH_OR_URI",
+                        help="folder (flat or class sub-folders), tar, webdataset shard or parquet; repeatable "
+                             "(required, except with --delete)")
     parser.add_argument("--output", required=True,
                         help="output folder: on a cluster a shared filesystem or an object store (s3://bucket/prefix)")
+    parser.add_argument("--delete", metavar="FILE",
+                        help="delete images from OUT now: FILE holds one id or one image uri (as the job records "
+                             "it: a path, file.tar#member) a line, - for stdin; records a run whose change log "
+                             "holds only these deletions, without reading the inputs or starting Ray")
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
                         help="a timm classifier spec; head:PATH, a classifier head (jobs.train_classifier) run on "
                              "the embedder's vectors (no second network); or none: embeddings only "
@@ -72,6 +80,12 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
     parser.add_argument("--device", default="auto", help="model device inside actors: auto, cpu, cuda")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = parser.parse_args(argv)
+    if args.delete is not None:
+        if args.input:
+            parser.error("--delete takes no --input (it reads only OUT and the list)")
+        return args
+    if not args.input:
+        parser.error("the following arguments are required: --input")
     if problem := check_output_folder(args.output):
         parser.error(problem)
     try:
@@ -87,20 +101,39 @@ def parse_args(argv: list[str] | None) -> EmbedConfig:
         parser.error(str(exc))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parses flags, connects to (or starts) Ray, runs the job and prints the summary."""
-    config = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def delete(output: str, source: str) -> int:
+    """``--delete``: records the deletions, prints what it did."""
     try:
-        prepared = prepare(config)  # bad model names, weights or inputs fail here, before Ray starts
+        if source == "-":
+            ids, entries = parse_deletes(sys.stdin)
+        else:
+            with open(source, encoding="utf-8") as f:
+                ids, entries = parse_deletes(f)
+        result = delete_images(Location(output), ids)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        # Connects to the cluster under `ray job submit` / RAY_ADDRESS, else starts a local one.
-        ray.init(logging_level=logging.WARNING)
+    if result.finished:
+        print(f"finished interrupted run {result.finished} first (its change log written)")
+    unknown = f"; {result.unknown} of {len(ids)} ids name no image in the output (never embedded, or deleted already)" \
+        if result.unknown else ""
+    if result.run:
+        print(f"run {result.run}: {result.deleted} deleted ({output}/changes/run-{result.run:06d}.json){unknown}")
+    else:
+        print(f"nothing deleted ({entries} entries read){unknown}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses flags, connects to (or starts) Ray when there is something to embed, runs the job and
+    prints the summary; the last line says what changed."""
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if isinstance(config, argparse.Namespace):
+        return delete(config.output, config.delete)
     try:
-        summary = run(config, prepared)
+        prepared = prepare(config)  # bad model names, weights or inputs fail here, before Ray starts
+        summary = run(config, prepared)  # starts (or connects to) Ray only when something is to be read
     except (ValueError, FileNotFoundError) as exc:
         # The user's mistake (bad flags, paths, weights): one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
@@ -110,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({', '.join(f'{k}: {v}' for k, v in counts['failed_by_type'].items()) or 'none'}); "
           f"this run: {summary['embedded_this_run']} images in {summary['wall_s']} s "
           f"({summary['images_per_s']} images/s)")
-    print(f"outputs: {prepared.out}/{{embeddings,errors,manifest.json,summary.json}}")
+    print(f"outputs: {prepared.out}/{{embeddings,errors,changes,manifest.json,summary.json}}")
+    print(describe_changes(summary["changes"]))
     return 0
 
 

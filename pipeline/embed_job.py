@@ -23,12 +23,17 @@ from ray.data import ActorPoolStrategy, Dataset
 from pipeline.batch import DecodeImages, ReadShards, WriteParts, shard_to_row
 from pipeline.embed_output import (
     EmbedConfig,
+    change_summary,
     check_config,
     committed,
     describe_models,
-    done_ids,
-    pending_shards,
+    finish_run,
+    load_history,
+    plan_run,
+    present_after,
     remove_partial_files,
+    resolve_inputs,
+    run_state,
     summarize,
     write_manifest,
 )
@@ -118,9 +123,15 @@ def plan_resources(config: EmbedConfig, cluster: dict[str, float], node_cpus: fl
 
 
 def build_dataset(config: EmbedConfig, out: Location, shards: list[Shard], skip_ids: np.ndarray,
-                  inputs: dict[str, Preprocess], dim: int) -> tuple[int, Dataset]:
+                  inputs: dict[str, Preprocess], dim: int, run: int | None = None,
+                  skip_versions: np.ndarray | None = None) -> tuple[int, Dataset]:
     """Wires the stages with Ray Data; returns the model batch size (resolved when ``auto``) and
-    the dataset of per-part write summaries."""
+    the dataset of per-part write summaries.
+
+    Args:
+        skip_ids, skip_versions: images done at these versions (:class:`pipeline.batch.ReadShards`).
+        run: the run the parts are recorded under.
+    """
     cluster = ray.cluster_resources()
     node_cpus = min((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
     res = plan_resources(config, cluster, node_cpus)
@@ -134,11 +145,11 @@ def build_dataset(config: EmbedConfig, out: Location, shards: list[Shard], skip_
     context.enable_progress_bars = False  # the job logs its own progress line (Progress)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     ds = ray.data.from_items([shard_to_row(s) for s in shards], override_num_blocks=max(1, len(shards)))
-    ds = ds.map_batches(ReadShards(skip_ids, listings=out / "listings"), batch_size=1)
+    ds = ds.map_batches(ReadShards(skip_ids, listings=out / "listings", done_versions=skip_versions), batch_size=1)
     if config.limit:
         ds = ds.limit(config.limit)
     if config.decode == "cpu":
-        ds = ds.map_batches(DecodeImages(inputs, out / "errors", config.max_pixels),
+        ds = ds.map_batches(DecodeImages(inputs, out / "errors", config.max_pixels, run=run),
                             batch_size=config.decode_batch_size)
     settings = ModelSettings(device=res.device, precision=config.precision, threads=res.threads,
                              compile=config.compile, embedding_dtype=config.embedding_dtype, top_n=config.top_n)
@@ -152,11 +163,11 @@ def build_dataset(config: EmbedConfig, out: Location, shards: list[Shard], skip_
     pool = ActorPoolStrategy(size=res.actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
     model_args = dict(batch_size=batch_size, num_gpus=res.num_gpus, num_cpus=res.num_cpus,
                       memory=config.model_memory_gb * 2**30, compute=pool)
-    write_to = dict(out_dir=str(out / "embeddings"), dim=dim, embedding_dtype=config.embedding_dtype)
+    write_to = dict(out_dir=str(out / "embeddings"), dim=dim, embedding_dtype=config.embedding_dtype, run=run)
     models = dict(classifier=config.classifier, embedder=config.embedder, settings=settings)
     if config.decode == "device":
         stage = (classify_and_embed_on_device, dict(models, inputs=inputs, errors_dir=str(out / "errors"),
-                                                    max_pixels=config.max_pixels))
+                                                    max_pixels=config.max_pixels, run=run))
     elif config.stages == "fused":
         stage = (ClassifyAndEmbed, models)
     else:
@@ -268,9 +279,22 @@ def job_summary(rows: list[dict], wall: float, manifest: EmbeddingManifest, conf
     return summary
 
 
+def ensure_ray() -> None:
+    """Connects to the cluster (``ray job submit``, ``RAY_ADDRESS``) or starts a local Ray, unless
+    the caller already did."""
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+
+
 def run(config: EmbedConfig, prepared: Prepared | None = None) -> dict:
-    """Runs the job on the current Ray cluster (``ray.init`` must have been called); returns the
-    summary. ``prepared``: what ``prepare(config)`` returned, when the caller checked it first."""
+    """Runs the job; returns the summary. ``prepared``: what ``prepare(config)`` returned, when the
+    caller checked it first.
+
+    The driver lists what changed first (:func:`pipeline.embed_output.plan_run`): Ray is started
+    (``ensure_ray``, or the caller's ``ray.init``) only when there is something to read, so a
+    re-run over unchanged inputs embeds nothing and starts nothing. The run's number is the latest
+    finished one + 1; an interrupted run is finished under its own number.
+    """
     prepared = prepared or prepare(config)
     out, models, shards = prepared.out, prepared.models, prepared.shards
     check_config(out, config)
@@ -279,23 +303,42 @@ def run(config: EmbedConfig, prepared: Prepared | None = None) -> dict:
     if removed:
         logger.info("removed %d unfinished files (parts without a record) from an interrupted run", removed)
     inputs = {"cls": models.preprocess("classifier"), "emb": models.preprocess("embedder")}
-    skip = done_ids(out, parts)
-    pending, skip_in_pending = pending_shards(out / "listings", shards, skip)
-    logger.info("%d shards from %d inputs; %d images already done%s", len(shards), len(config.inputs), len(skip),
-                f"; {len(shards) - len(pending)} shards complete, not read again" if len(pending) < len(shards) else "")
+    history = load_history(out, parts)
+    state = run_state(history)
+    plan = plan_run(out, shards, state)
+    logger.info("run %d%s: %d shards from %d inputs; %d images done before%s", state.run,
+                " (resumed)" if len(state.current) else "", len(shards), len(config.inputs), len(state.done_ids),
+                f"; {len(shards) - len(plan.shards)} shards complete, not read again"
+                if len(plan.shards) < len(shards) else "")
 
     start = time.perf_counter()
     rows: list[dict] = []
     batch_size = None
-    if pending:
-        batch_size, dataset = build_dataset(config, out, pending, skip_in_pending, inputs,
-                                            int(models.embedder["dim"]))
-        progress = Progress(len(skip))
+    if plan.shards:
+        ensure_ray()
+        batch_size, dataset = build_dataset(config, out, plan.shards, plan.skip_ids, inputs,
+                                            int(models.embedder["dim"]), run=state.run,
+                                            skip_versions=plan.skip_versions)
+        progress = Progress(len(state.done_ids))
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend({k: batch[k][i] for k in batch} for i in range(len(batch["rows"])))
             progress.add(int(np.sum(batch["rows"])))
     wall = time.perf_counter() - start
-    manifest = write_manifest(out, config, models)
-    summary = job_summary(rows, wall, manifest, config, batch_size, len(shards), len(pending))
+    parts = committed(out)
+    now_inputs = resolve_inputs(config.inputs)
+    missing = [i for i in history.inputs if i not in now_inputs]
+    present, note = None, None
+    if not (len(state.live) or len(state.held)):
+        present = np.zeros(0, dtype=np.int64)  # nothing stood before: nothing can have gone
+    elif missing:
+        note = (f"deletions not checked: earlier input{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} not among this run's inputs")
+    elif (present := present_after(out, plan)) is None:
+        note = "deletions not checked: some tars or parquet row groups were not read whole (--limit?)"
+    after = load_history(out, parts, previous=history)  # reads this run's parts only
+    log = finish_run(out, state, after, now_inputs, present)
+    manifest = write_manifest(out, config, models, parts, history=after)
+    summary = job_summary(rows, wall, manifest, config, batch_size, len(shards), len(plan.shards))
+    summary["changes"] = change_summary(state, log, note)
     (out / "summary.json").write_json(summary)
     return summary

@@ -25,8 +25,10 @@ from pathlib import Path
 from pipeline.images import DEFAULT_MAX_PIXELS, Preprocess
 from pipeline.storage import Location
 
-#: Version of the embedding row schemas and of their manifest.
-EMBEDDING_SCHEMA_VERSION = 1
+#: Version of the embedding row schemas and of their manifest. 2 adds the rows' ``version``, each
+#: part's ``run`` and the manifest's ``run`` (change logs in ``changes/``); 1 is read as one run 1.
+EMBEDDING_SCHEMA_VERSION = 2
+_READABLE_EMBEDDING_VERSIONS = (1, 2)
 #: Version of the index layout and manifest. 4 publishes immutable versions (``version``,
 #: ``versions/``, tombstones); 3 records ``class_source``; 2 did not (read as predicted classes);
 #: 1 neither ``max_pixels`` (read as the default). Older indexes read as version 1.
@@ -120,7 +122,13 @@ def _damaged(path: Location, hint: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class EmbeddingManifest:
-    """``manifest.json`` of an embedding job's output folder."""
+    """``manifest.json`` of an embedding job's output folder.
+
+    Attributes:
+        parts, error_parts: the committed parts: ``path`` (relative to the folder), ``rows``,
+            ``sha256``, ``bytes`` and ``run``, the run that wrote it (1 where not recorded).
+        run: the latest finished run (its change log is ``changes/run-NNNNNN.json``); 0: none.
+    """
 
     models: ModelSet
     inputs: list[str]
@@ -130,6 +138,7 @@ class EmbeddingManifest:
     counts: dict
     parts: list[dict]
     error_parts: list[dict] = field(default_factory=list)
+    run: int = 0
     created: str = field(default_factory=now)
     schema_version: int = EMBEDDING_SCHEMA_VERSION
 
@@ -155,14 +164,18 @@ class EmbeddingManifest:
         """
         path = Location(folder) / "manifest.json"
         raw = _read(path, "it must be the --output folder of a finished `python -m jobs.embed` run")
-        if raw.get("schema_version") != EMBEDDING_SCHEMA_VERSION:
+        if raw.get("schema_version") not in _READABLE_EMBEDDING_VERSIONS:
             raise ValueError(f"{path}: embedding schema_version {raw.get('schema_version')} is not "
                              f"{EMBEDDING_SCHEMA_VERSION}; re-run the embedding job with this version")
         with _damaged(path, "re-run the embedding job into a new folder"):
+            parts, error_parts = ([{**p, "run": int(p.get("run", 1))} for p in raw.get(key, [])]
+                                  for key in ("parts", "error_parts"))
+            # Parts without a run (written before runs, or by hand): one run 1.
+            run = max([int(raw.get("run", 0))] + [p["run"] for p in parts + error_parts])
             return cls(models=ModelSet.from_json(raw["models"]), inputs=list(raw["inputs"]), top_n=int(raw["top_n"]),
                        embedding_dtype=raw["embedding_dtype"], max_pixels=int(raw["max_pixels"]),
-                       counts=raw["counts"], parts=list(raw["parts"]), error_parts=list(raw.get("error_parts", [])),
-                       created=raw["created"], schema_version=raw["schema_version"])
+                       counts=raw["counts"], parts=parts, error_parts=error_parts, run=run,
+                       created=raw["created"], schema_version=EMBEDDING_SCHEMA_VERSION)
 
 
 @dataclass(frozen=True)

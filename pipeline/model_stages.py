@@ -182,31 +182,35 @@ class DecodeOnDevice(ModelStage):
         inputs: model input name -> preprocessing, as for DecodeImages.
         errors_dir: where error parts go.
         max_pixels: decode guard.
+        run: the embedding run its error parts are recorded under (None: none recorded).
     """
 
     def __init__(self, stage: ModelStage, inputs: dict[str, Preprocess], errors_dir: str | Path,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, run: int | None = None) -> None:
         self.model_stage = stage
         self.inputs = {f"image_{name}": pre for name, pre in inputs.items()}
         self.image_columns = tuple(self.inputs)
         self.errors_dir = str(errors_dir)
         self.max_pixels = max_pixels
+        self.run = run
         self.staging, self.compute_lock = stage.staging, stage.compute_lock
 
     def stage(self, batch: dict[str, np.ndarray]):
         start = time.perf_counter()
         readable = [i for i, error in enumerate(batch["read_error"]) if not error]
-        failures = [(int(batch["id"][i]), str(batch["uri"][i]), "read", "unreadable", str(batch["read_error"][i]))
-                    for i in range(len(batch["id"])) if batch["read_error"][i]]
+        versions = batch["version"] if "version" in batch else np.full(len(batch["id"]), "", dtype=object)
+        failures = [(int(batch["id"][i]), str(batch["uri"][i]), "read", "unreadable", str(batch["read_error"][i]),
+                     str(versions[i])) for i in range(len(batch["id"])) if batch["read_error"][i]]
         (images, ok, errors), event = self.staging.run(lambda: prepare_batch(
             [bytes(batch["data"][i]) for i in readable], self.inputs, self.staging.device,
             max_pixels=self.max_pixels))
-        failures += [(int(batch["id"][readable[i]]), str(batch["uri"][readable[i]]), "decode", exc.reason, str(exc))
-                     for i, exc in errors]
-        write_errors(failures, self.errors_dir)
+        failures += [(int(batch["id"][readable[i]]), str(batch["uri"][readable[i]]), "decode", exc.reason, str(exc),
+                      str(versions[readable[i]])) for i, exc in errors]
+        write_errors(failures, self.errors_dir, self.run)
         idx = np.array(readable, dtype=np.int64)[ok]
         seconds = np.float32((time.perf_counter() - start) / max(len(batch["id"]), 1))
         decoded = {"id": batch["id"][idx], "uri": batch["uri"][idx], "label": batch["label"][idx],
+                   "version": versions[idx],
                    "read_s": batch["read_s"][idx], "decode_s": np.full(len(idx), seconds, np.float32), **images}
         return decoded, event
 
@@ -216,6 +220,6 @@ class DecodeOnDevice(ModelStage):
 
 def classify_and_embed_on_device(classifier: str, embedder: str, settings: ModelSettings,
                                  inputs: dict[str, Preprocess], errors_dir: str | Path,
-                                 max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeOnDevice:
+                                 max_pixels: int = DEFAULT_MAX_PIXELS, run: int | None = None) -> DecodeOnDevice:
     """:class:`ClassifyAndEmbed` fed with raw bytes, decoded on its device (the job's ``--decode device``)."""
-    return DecodeOnDevice(ClassifyAndEmbed(classifier, embedder, settings), inputs, errors_dir, max_pixels)
+    return DecodeOnDevice(ClassifyAndEmbed(classifier, embedder, settings), inputs, errors_dir, max_pixels, run)

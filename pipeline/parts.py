@@ -1,7 +1,7 @@
 """Parts of an output folder (``embeddings/``, ``errors/``), committed by records.
 
 A part is written under its final name (``part-<ids hash>.parquet``), then its record
-(``part-<ids hash>.json``: rows, sha256, bytes) beside it. A part counts only once its record
+(``part-<ids hash>.json``: rows, sha256, bytes, and the embedding job's ``run``) beside it. A part counts only once its record
 exists (or the folder's manifest lists it): an object store has no rename, and a writer killed
 during an upload, or one whose stream was closed on an error, may leave an object that is not a
 whole part. A resumed run deletes the parts that nothing names and does their images again.
@@ -34,12 +34,16 @@ def record_name(part: str) -> str:
     return part.removesuffix(".parquet") + ".json"
 
 
-def write_part(folder: Location, name: str, table: pa.Table) -> dict:
-    """Writes ``folder/name`` and then its record; returns the record."""
+def write_part(folder: Location, name: str, table: pa.Table, extra: dict | None = None) -> dict:
+    """Writes ``folder/name`` and then its record; returns the record.
+
+    Args:
+        extra: more facts for the record (the embedding job's ``run``).
+    """
     hang = _test_hang_turn(folder)
     data = parquet_bytes(table)
     (folder / name).write_bytes(data)
-    record = {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    record = {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **(extra or {})}
     (folder / record_name(name)).write_json(record, indent=None)
     if hang is not None:
         _test_hang_committed(*hang)

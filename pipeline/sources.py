@@ -15,7 +15,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -41,6 +41,8 @@ class Shard:
         row_group: for ``parquet``: the row group index.
         version: for ``tar`` and ``parquet``: the file's size and modification time as listed
             (``"SIZE:MTIME_NS"``), or "" where unknown.
+        versions: for ``files``: each member's version as listed (same order as ``members``), or
+            () where not listed (each is then looked up when read).
     """
 
     kind: str
@@ -49,6 +51,7 @@ class Shard:
     members: tuple[str, ...] = ()
     row_group: int = -1
     version: str = ""
+    versions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in SHARD_KINDS:
@@ -72,19 +75,45 @@ class Item:
     Attributes:
         uri: stable name of the image (``tar#member`` for tar members, ``file.parquet#row`` for rows).
         label: ground-truth label, or None.
-        data: the encoded bytes, or None when reading failed.
+        data: the encoded bytes, or None when reading failed or the image was not wanted.
         error: why reading failed, or None.
+        version: what changes when the image's content does (:func:`file_version` for files,
+            :func:`content_version` for tar members and parquet cells), or "" where unknown.
+        skipped: not read, because the caller did not want it (``read_shard``'s ``want``).
     """
 
     uri: str
     label: str | None
     data: bytes | None = None
     error: str | None = None
+    version: str = ""
+    skipped: bool = False
 
 
 def uri_id(uri: str) -> int:
     """A stable 63-bit id for an image URI (same URI, same id, in every run and on every machine)."""
     return int.from_bytes(hashlib.blake2b(uri.encode("utf-8"), digest_size=8).digest(), "big") & ((1 << 63) - 1)
+
+
+def file_version(info: pafs.FileInfo) -> str:
+    """A file's version as listed: ``"SIZE:MTIME_NS"`` ("" where the filesystem gives neither).
+    A file rewritten in place gets a new modification time, so a new version."""
+    if info.size is None or info.mtime_ns is None:
+        return ""
+    return f"{info.size}:{info.mtime_ns}"
+
+
+def content_version(data: bytes) -> str:
+    """The version of bytes read from inside a tar or a parquet file: a hash of the bytes
+    (``"b2:HEX"``), so a rewritten container whose image is the same keeps the image's version."""
+    return "b2:" + hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def canonical_uri(uri: str) -> str:
+    """The uri the job records for an image named ``uri`` (a local path made absolute; the
+    ``#member`` of a tar member or parquet row kept)."""
+    base, sep, member = uri.partition("#")
+    return resolve(base)[2] + sep + member
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
@@ -130,7 +159,7 @@ def discover_shards(inputs: list[str], files_per_shard: int = 256) -> list[Shard
             shards.extend(_file_shards(fs, path, uri, files_per_shard, info))
             continue
         entries = sorted(fs.get_file_info(pafs.FileSelector(path, recursive=False)), key=lambda e: e.base_name)
-        loose: list[str] = []
+        loose: list[tuple[str, str]] = []
         for entry in entries:
             if _hidden(entry.base_name):
                 continue
@@ -140,9 +169,10 @@ def discover_shards(inputs: list[str], files_per_shard: int = 256) -> list[Shard
             elif entry.base_name.endswith((".tar", ".parquet")):
                 shards.extend(_file_shards(fs, entry.path, child_uri, files_per_shard, entry))
             else:
-                loose.append(child_uri)
+                loose.append((child_uri, file_version(entry)))
         for start in range(0, len(loose), files_per_shard):
-            shards.append(Shard("files", uri, members=tuple(loose[start : start + files_per_shard])))
+            chunk = loose[start : start + files_per_shard]
+            shards.append(Shard("files", uri, members=tuple(u for u, _ in chunk), versions=tuple(v for _, v in chunk)))
     return shards
 
 
@@ -150,7 +180,7 @@ def _file_shards(fs: pafs.FileSystem, path: str, uri: str, files_per_shard: int,
                  info: pafs.FileInfo | None = None) -> list[Shard]:
     name = uri.rsplit("/", 1)[-1]
     info = info or fs.get_file_info(path)
-    version = f"{info.size}:{info.mtime_ns}" if info.size is not None and info.mtime_ns is not None else ""
+    version = file_version(info)
     if name.endswith(".tar"):
         stem = name[: -len(".tar")]
         return [Shard("tar", uri, label=stem if _SYNSET.match(stem) else None, version=version)]
@@ -158,42 +188,79 @@ def _file_shards(fs: pafs.FileSystem, path: str, uri: str, files_per_shard: int,
         with fs.open_input_file(path) as f:
             groups = pq.ParquetFile(f).metadata.num_row_groups
         return [Shard("parquet", uri, row_group=g, version=version) for g in range(groups)]
-    return [Shard("files", uri.rsplit("/", 1)[0], members=(uri,))]
+    return [Shard("files", uri.rsplit("/", 1)[0], members=(uri,), versions=(version,))]
 
 
-def read_shard(shard: Shard) -> Iterator[Item]:
-    """Lists and reads the images of one shard, in a stable order.
+#: ``want(uri, version)``: whether to read an image (None: every image).
+Want = Callable[[str, str], bool] | None
 
-    A file that cannot be read yields an :class:`Item` with ``error`` set instead of raising, so
-    every file is accounted for.
-    """
+
+def list_files(shard: Shard) -> list[tuple[str, str, str]]:
+    """The images of a ``folder`` or ``files`` shard as ``(uri, version, path)``, in a stable
+    order, without reading them (``path``: inside the uri's filesystem)."""
     if shard.kind == "folder":
         fs, path, uri = resolve(shard.uri)
         entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = sorted(e.path for e in entries if e.type == pafs.FileType.File
-                       and not any(_hidden(part) for part in os.path.relpath(e.path, path).split(os.sep)))
-        for file_path in files:
-            yield _read_file(fs, file_path, _join(uri, os.path.relpath(file_path, path).replace(os.sep, "/")),
-                             shard.label)
-    elif shard.kind == "files":
-        for member in shard.members:
+        root = path.rstrip("/") + "/"
+        files = []
+        for e in entries:
+            if e.type != pafs.FileType.File or not e.path.startswith(root):
+                continue
+            rel = e.path[len(root):]
+            if not any(_hidden(part) for part in rel.split("/")):
+                files.append((_join(uri, rel), file_version(e), e.path))
+        return sorted(files, key=lambda f: f[2])
+    if shard.kind == "files":
+        versions = shard.versions if len(shard.versions) == len(shard.members) else (None,) * len(shard.members)
+        out = []
+        for member, version in zip(shard.members, versions):
             fs, path, uri = resolve(member)
-            yield _read_file(fs, path, uri, shard.label)
+            if version is None:
+                info = fs.get_file_info(path)
+                version = file_version(info) if info.type == pafs.FileType.File else ""
+            out.append((uri, version, path))
+        return out
+    raise ValueError(f"list_files lists folder and files shards, not {shard.kind!r}")
+
+
+def read_shard(shard: Shard, want: Want = None) -> Iterator[Item]:
+    """Lists and reads the images of one shard, in a stable order.
+
+    A file that cannot be read yields an :class:`Item` with ``error`` set instead of raising, so
+    every file is accounted for. Every image listed is yielded with its version; one that ``want``
+    rejects is yielded with ``skipped`` set and without its bytes (a file is then not read at all).
+    """
+    if shard.kind in ("folder", "files"):
+        fs = None
+        for uri, version, path in list_files(shard):
+            if want is not None and not want(uri, version):
+                yield Item(uri, shard.label, version=version, skipped=True)
+                continue
+            fs = fs or resolve(uri)[0]
+            yield _read_file(fs, path, uri, shard.label, version)
     elif shard.kind == "tar":
-        yield from _read_tar(shard)
+        yield from _read_tar(shard, want)
     else:
-        yield from _read_parquet(shard)
+        yield from _read_parquet(shard, want)
 
 
-def _read_file(fs: pafs.FileSystem, path: str, uri: str, label: str | None) -> Item:
+def _read_file(fs: pafs.FileSystem, path: str, uri: str, label: str | None, version: str = "") -> Item:
     try:
         with fs.open_input_stream(path) as f:
-            return Item(uri, label, data=f.read())
+            return Item(uri, label, data=f.read(), version=version)
     except OSError as exc:
-        return Item(uri, label, error=f"{type(exc).__name__}: {exc}")
+        return Item(uri, label, error=f"{type(exc).__name__}: {exc}", version=version)
 
 
-def _read_tar(shard: Shard) -> Iterator[Item]:
+def _read_bytes(uri: str, label: str | None, data: bytes, want: Want) -> Item:
+    """An image read from inside a container: its version is its bytes' hash."""
+    version = content_version(data)
+    if want is not None and not want(uri, version):
+        return Item(uri, label, version=version, skipped=True)
+    return Item(uri, label, data=data, version=version)
+
+
+def _read_tar(shard: Shard, want: Want = None) -> Iterator[Item]:
     """ImageNet class tars (label = synset from the tar name) and webdataset shards (label from a
     ``.cls``/``.txt`` member with the same key)."""
     fs, path, uri = resolve(shard.uri)
@@ -203,7 +270,10 @@ def _read_tar(shard: Shard) -> Iterator[Item]:
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
         members = [m for m in archive.getmembers() if m.isfile()]
     except (tarfile.TarError, EOFError, OSError) as exc:
-        yield Item(uri, shard.label, error=f"unreadable tar: {exc}")
+        if want is None or want(uri, shard.version):
+            yield Item(uri, shard.label, error=f"unreadable tar: {exc}", version=shard.version)
+        else:
+            yield Item(uri, shard.label, version=shard.version, skipped=True)
         return
     labels: dict[str, str] = {}
     images = []
@@ -220,13 +290,17 @@ def _read_tar(shard: Shard) -> Iterator[Item]:
         member_uri = f"{uri}#{member.name}"
         label = labels.get(key, shard.label)
         try:
-            yield Item(member_uri, label, data=archive.extractfile(member).read())
+            data = archive.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as exc:
-            yield Item(member_uri, label, error=f"unreadable tar member: {exc}")
+            yield Item(member_uri, label, error=f"unreadable tar member: {exc}", version=shard.version)
+            continue
+        yield _read_bytes(member_uri, label, data, want)
 
 
-def _read_parquet(shard: Shard) -> Iterator[Item]:
-    """Rows with image bytes (column image/bytes/...) or image paths (column path/uri/...)."""
+def _read_parquet(shard: Shard, want: Want = None) -> Iterator[Item]:
+    """Rows with image bytes (column image/bytes/...) or image paths (column path/uri/...).
+
+    A row of bytes is versioned by their hash; a row naming a file by the file's size and time."""
     fs, path, uri = resolve(shard.uri)
     with fs.open_input_file(path) as f:
         parquet = pq.ParquetFile(f)
@@ -248,11 +322,16 @@ def _read_parquet(shard: Shard) -> Iterator[Item]:
             value = rows[bytes_col][i]
             if isinstance(value, dict):  # HF-style struct {"bytes": ..., "path": ...}
                 value = value.get("bytes")
-            yield Item(item_uri, label, data=value) if value else Item(item_uri, label, data=b"")
+            yield _read_bytes(item_uri, label, value or b"", want)
         else:
             target = str(rows[path_col][i])
             fs_i, path_i, uri_i = resolve(target)
-            yield _read_file(fs_i, path_i, uri_i, label)
+            info = fs_i.get_file_info(path_i)
+            version = file_version(info) if info.type == pafs.FileType.File else ""
+            if want is not None and not want(uri_i, version):
+                yield Item(uri_i, label, version=version, skipped=True)
+            else:
+                yield _read_file(fs_i, path_i, uri_i, label, version)
 
 
 def read_uri(uri: str) -> bytes:
