@@ -22,14 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.files import sha256_file
-try:
-    from pipeline.embed_output import change_log, live_parts
-except ImportError:  # TEMPORARY: until the embedding job's change logs land
-    def change_log(out):
-        return []
-
-    def live_parts(out, after_run=0):
-        return [] if after_run else [(p, 1, np.zeros(0, np.int64)) for p in embedding_parts(out)[0]]
+from pipeline.embed_output import change_log, live_parts
 from pipeline.index.keying import UNLABELLED, Keying, resolve_keying
 from pipeline.index.faiss_index import IndexConfig, SearchParams, build_faiss_index, choose_index_type, head_file
 from pipeline.index.versions import (GRACE_S, KEEP_VERSIONS, publish, read_tombstones, remove_old_versions,
