@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
@@ -48,7 +47,7 @@ from pipeline.index.faiss_index import HEAD_MIN_ROWS
 from pipeline.index.keying import CLASS_SOURCES, UNLABELLED
 from pipeline.index.versions import GRACE_S, KEEP_VERSIONS, publish
 from pipeline.manifests import IndexManifest, now
-from pipeline.sources import uri_id
+from pipeline.embed_output import parse_deletes
 from pipeline.storage import Location
 from pipeline.strategy import Strategy
 
@@ -189,26 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def read_id_list(path: str) -> tuple[np.ndarray, int]:
-    """Image ids from a file of ids or image URIs, one a line (``-``: standard input); blank lines
-    and ``#`` comments are skipped. Returns the ids and how many lines were URIs."""
-    text = sys.stdin.read() if path == "-" else Location(path).read_text()
-    ids, uris = [], 0
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line.isdigit():
-            ids.append(int(line))
-        else:  # the job names local files by their absolute path
-            ids.append(uri_id(line if "://" in line else os.path.abspath(os.path.expanduser(line))))
-            uris += 1
-    return np.unique(np.asarray(ids, dtype=np.int64)), uris
-
-
 def _delete(output: Location, args: argparse.Namespace) -> int:
     try:
-        ids, _ = read_id_list(args.delete)
+        text = sys.stdin.read() if args.delete == "-" else Location(args.delete).read_text()
+        ids, _ = parse_deletes(text.splitlines())  # the list jobs.embed --delete reads
         present = np.intersect1d(ids, live_ids(output))
         if not len(present):
             print(f"index {output}: none of the {len(ids)} images is in it; nothing published")
