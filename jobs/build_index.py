@@ -66,7 +66,8 @@ def _ray_mapper():
     return mapper
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m jobs.build_index`` (flags only; :func:`main` checks the rest)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.build_index", description=__doc__.split("\n\n")[0])
     parser.add_argument("--embeddings", help="the --output folder of jobs.embed (a folder or s3://bucket/prefix)")
     parser.add_argument("--output", required=True, help="index folder (a folder or s3://bucket/prefix)")
@@ -115,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray", action="store_true", help="build shards in parallel as Ray tasks")
     parser.add_argument("--strategy", help="default search strategy: global, class[@N], gated[@N]:TAU, rerank:BETA "
                                            "or a jobs.evaluate --recommend file (default: global)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if problem := check_output_folder(args.output):
         parser.error(problem)
