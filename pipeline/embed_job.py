@@ -38,6 +38,7 @@ from pipeline.embed_output import (
     write_manifest,
 )
 from pipeline.images import Preprocess
+from pipeline.job_metrics import JobMetrics
 from pipeline.manifests import EmbeddingManifest, ModelSet
 from pipeline.model_stages import (
     ClassifyAndEmbed,
@@ -228,20 +229,32 @@ def resolve_batch_size(config: EmbedConfig, settings: ModelSettings, res: ActorR
 
 class Progress:
     """One plain log line every ``every_s`` seconds while parts are written (Ray Data's own
-    progress blocks are turned off: a dozen lines every 10 s in a log)."""
+    progress blocks are turned off: a dozen lines every 10 s in a log), and the run's metrics
+    (:class:`pipeline.job_metrics.JobMetrics`: every part at once, failures at each line)."""
 
-    def __init__(self, done_before: int, every_s: float = 10.0) -> None:
+    def __init__(self, done_before: int, metrics: JobMetrics | None = None, every_s: float = 10.0) -> None:
         self.start = self.last = time.perf_counter()
         self.done_before, self.images, self.every_s = done_before, 0, every_s
+        self.metrics = metrics
 
-    def add(self, images: int) -> None:
-        self.images += images
+    def add(self, part: dict) -> None:
+        """One committed part: its write summary."""
+        self.images += int(part["rows"])
+        if self.metrics:
+            self.metrics.part(part)
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
-            logger.info("progress: %d images embedded in this run (%.1f images/s)%s", self.images,
-                        self.images / (now - self.start),
+            rate = self.images / (now - self.start)
+            logger.info("progress: %d images embedded in this run (%.1f images/s)%s", self.images, rate,
                         f", {self.done_before} done before" if self.done_before else "")
+            if self.metrics:
+                self.metrics.sweep_errors()
+
+    def finish(self) -> None:
+        """Counts the failures since the last line."""
+        if self.metrics:
+            self.metrics.sweep_errors()
 
 
 def prepare(config: EmbedConfig) -> Prepared:
@@ -319,10 +332,12 @@ def run(config: EmbedConfig, prepared: Prepared | None = None) -> dict:
         batch_size, dataset = build_dataset(config, out, plan.shards, plan.skip_ids, inputs,
                                             int(models.embedder["dim"]), run=state.run,
                                             skip_versions=plan.skip_versions)
-        progress = Progress(len(state.done_ids))
+        progress = Progress(len(state.done_ids), JobMetrics(out, set(parts["errors"])))
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            rows.extend({k: batch[k][i] for k in batch} for i in range(len(batch["rows"])))
-            progress.add(int(np.sum(batch["rows"])))
+            for i in range(len(batch["rows"])):
+                rows.append({k: batch[k][i] for k in batch})
+                progress.add(rows[-1])
+        progress.finish()
     wall = time.perf_counter() - start
     parts = committed(out)
     now_inputs = resolve_inputs(config.inputs)

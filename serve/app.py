@@ -32,8 +32,9 @@ from PIL import Image
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartParser
+from starlette.routing import Match
 
 from pipeline.device_decode import prepare_batch
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, header_pixels
@@ -46,7 +47,10 @@ from pipeline.search import Prepared, QueryPreprocess, class_answers, merge_hits
 from pipeline.strategy import Search, Strategy, run_plan_async
 from pipeline.sources import read_uri
 from pipeline.storage import Location
+from serve import access
+from serve.access import KeyCheck, read_keys
 from serve.budget import BudgetExhausted, PixelBudget
+from serve.metrics import ServiceMetrics
 
 logger = logging.getLogger("serve.app")
 PAGE = Path(__file__).with_name("page.html")
@@ -89,6 +93,13 @@ class AppConfig:
         index_poll_s: how often the ingress and retriever replicas look for a newly published
             version of the index (``jobs.build_index`` --append/--update/--delete); they load it in
             the background and switch between two requests. 0: serve the version found at start.
+        api_keys_file: a file of API keys, one per line (:mod:`serve.access`), read by each ingress
+            replica on its node; keys in the environment variable ``LOOKALIKE_API_KEYS`` count too.
+            With any key configured every route but ``/healthz`` and the page (``/``) needs
+            ``Authorization: Bearer KEY`` (401 without it or with a wrong one).
+        key_rate_per_s: requests a second each key may make per ingress replica (0: no limit);
+            beyond it, and beyond ``key_burst`` at once, the answer is 429 with ``Retry-After``.
+        key_burst: requests a key may make at once above its rate.
     """
 
     index: str
@@ -110,6 +121,9 @@ class AppConfig:
     crop_policy: dict = field(default_factory=dict)
     model_autoscaling: dict | None = None
     index_poll_s: float = 10.0
+    api_keys_file: str | None = None
+    key_rate_per_s: float = 0.0
+    key_burst: int = 10
 
     def __post_init__(self) -> None:
         if self.crop not in ("auto", "off"):
@@ -122,6 +136,9 @@ class AppConfig:
             raise ValueError(f"index_poll_s must be >= 0, got {self.index_poll_s}")
         if self.max_query_pixels < 1 or self.decode_pixel_budget < 1 or self.decode_wait_s < 0:
             raise ValueError("max_query_pixels and decode_pixel_budget must be >= 1, decode_wait_s >= 0")
+        if self.key_rate_per_s < 0 or self.key_burst < 1:
+            raise ValueError(f"key_rate_per_s must be >= 0 and key_burst >= 1, got {self.key_rate_per_s}, "
+                             f"{self.key_burst}")
         Strategy.load(self.strategy)
         CropPolicy(**self.crop_policy)
 
@@ -301,6 +318,61 @@ def _image_size(data: bytes) -> list[int]:
 
 
 app = FastAPI(title="lookalike", description="Find the gallery images most similar to a query image.")
+#: Routes open without a key: health checks, and the web page itself (a browser cannot send a key
+#: when it navigates; the page holds no gallery data and asks for the key before its first search).
+OPEN_ROUTES = ("/healthz", "/")
+
+
+def _route_of(scope: dict, routes: list | None = None) -> str:
+    """The route template a request matches (``/images/{image_id}``), or ``other`` (the metrics'
+    label: bounded, whatever paths clients send). Looks into included routers too."""
+    for route in scope["app"].routes if routes is None else routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's included router
+        if inner is not None:
+            if (found := _route_of(scope, inner.routes)) != "other":
+                return found
+        elif route.matches(scope)[0] == Match.FULL:
+            return route.path
+    return "other"
+
+
+class AccessAndMetrics:
+    """ASGI middleware of the ingress: the API key check (401/429 before any work), then the
+    request's count by route, strategy kind (set by the route in ``request.state.strategy``) and
+    the status sent."""
+
+    def __init__(self, asgi) -> None:
+        self.asgi = asgi
+
+    async def __call__(self, scope, receive, send) -> None:
+        check, metrics = access.current()  # set by Ingress.__init__
+        if scope["type"] != "http" or metrics is None:
+            return await self.asgi(scope, receive, send)
+        route = _route_of(scope)
+        refused = None if route in OPEN_ROUTES or check is None else check.check(
+            Headers(scope=scope).get("authorization"))
+        if refused:
+            status, reason, headers = refused
+            metrics.auth_refused.inc(tags={"reason": reason})
+            metrics.request(route, "-", status)
+            detail = {"missing": "this service needs an API key: send `Authorization: Bearer KEY`",
+                      "wrong": "the API key is not valid",
+                      "rate": "too many requests with this API key; retry after the time in Retry-After"}[reason]
+            return await JSONResponse({"detail": detail}, status, headers)(scope, receive, send)
+        sent = {"status": 500}  # an exception that escapes every handler becomes a 500
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.asgi(scope, receive, sending)
+        finally:
+            metrics.request(route, scope.get("state", {}).get("strategy", "-"), sent["status"])
+
+
+app.add_middleware(AccessAndMetrics)
 
 
 async def _read_upload(request: Request, limit: int) -> bytes:
@@ -352,6 +424,13 @@ class Ingress:
         # with many threads the replica would keep several budgets' worth of freed memory.
         self.decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self.switched_at: float | None = None
+        self.metrics = ServiceMetrics()
+        self.metrics.serving(manifest.version, manifest.rows)
+        keys = read_keys(self.config.api_keys_file)
+        self.keys = KeyCheck(keys, self.config.key_rate_per_s, self.config.key_burst)
+        access.set_current(self.keys if keys else None, self.metrics)
+        if keys:
+            logger.info("API keys: %d configured; every route but %s needs one", len(keys), ", ".join(OPEN_ROUTES))
         self._stop = threading.Event()
         if self.config.index_poll_s > 0:
             threading.Thread(target=self._follow, daemon=True, name="index-follow").start()
@@ -361,6 +440,7 @@ class Ingress:
         deployment load it, then answers from it (the old one until then)."""
         while not self._stop.wait(self.config.index_poll_s):
             version, manifest = self.serving
+            self.metrics.serving(version, manifest.rows)  # gauges are exported while they are set
             try:
                 new = read_version(Location(self.config.index))
             except (OSError, ValueError) as exc:
@@ -381,7 +461,15 @@ class Ingress:
                 continue
             self.serving = (new.version, new)
             self.switched_at = time.time()
+            self.metrics.serving(new.version, new.rows)
             logger.info("index %s: now serving version %d (%d images)", self.config.index, new.version, new.rows)
+
+    async def _timed(self, stage: str, awaitable):
+        """Awaits ``awaitable``; its seconds go to the stage's latency histogram when it succeeds."""
+        start = time.perf_counter()
+        result = await awaitable
+        self.metrics.stage(stage, time.perf_counter() - start)
+        return result
 
     async def _in_decoder(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decoders, fn, *args)
@@ -391,10 +479,13 @@ class Ingress:
         """Holds the upload's pixels in the replica's decode budget; 503 with Retry-After when it
         does not fit within ``decode_wait_s``."""
         pixels = await asyncio.to_thread(header_pixels, data)
+        asked = time.perf_counter()
         try:
             async with self.budget.hold(pixels, self.config.decode_wait_s):
+                self.metrics.decode_wait.observe(time.perf_counter() - asked)
                 yield
         except BudgetExhausted:
+            self.metrics.decode_refused.inc()
             raise HTTPException(503, f"busy decoding other large images; retry shortly ({pixels} pixels waited "
                                      f"{self.config.decode_wait_s} s for room in this replica's budget of "
                                      f"{self.budget.limit})", headers={"Retry-After": "2"}) from None
@@ -404,10 +495,10 @@ class Ingress:
         if not data:
             raise HTTPException(400, "cannot decode the image: empty: the request has no image")
         if self.classifier is None:  # a head in the Embedder
-            answers = [await _ask(self.embedder.classify_and_embed_encoded, data)]
-        else:
-            answers = await asyncio.gather(_ask(self.classifier.classify_encoded, data),
-                                           _ask(self.embedder.embed_encoded, data))
+            answers = [await self._timed("classify+embed", _ask(self.embedder.classify_and_embed_encoded, data))]
+        else:  # each decodes the upload on its device
+            answers = await asyncio.gather(self._timed("classify", _ask(self.classifier.classify_encoded, data)),
+                                           self._timed("embed", _ask(self.embedder.embed_encoded, data)))
         for answer in answers:
             if isinstance(answer, dict):
                 raise HTTPException(400, f"cannot decode the image: {answer['error']}")
@@ -418,14 +509,14 @@ class Ingress:
         """The classes and the vector of a prepared query: from the Classifier and the Embedder in
         parallel, or from the Embedder alone when the classifier is a head."""
         if self.classifier is None:
-            return await _ask(self.embedder.classify_and_embed, prepared.for_embedder)
-        return tuple(await asyncio.gather(_ask(self.classifier.classify, prepared.for_classifier),
-                                          _ask(self.embedder.embed, prepared.for_embedder)))
+            return await self._timed("classify+embed", _ask(self.embedder.classify_and_embed, prepared.for_embedder))
+        return tuple(await asyncio.gather(self._timed("classify", _ask(self.classifier.classify, prepared.for_classifier)),
+                                          self._timed("embed", _ask(self.embedder.embed, prepared.for_embedder))))
 
     async def _merge(self, vector: np.ndarray, classes: list[int], k: int, mode: str,
                      min_score: float | None, version: int) -> list[Hit]:
-        answers = await asyncio.gather(*(_ask(r.search, vector, classes, k, mode, min_score, version)
-                                         for r in self.retrievers))
+        answers = await self._timed("search", asyncio.gather(
+            *(_ask(r.search, vector, classes, k, mode, min_score, version) for r in self.retrievers)))
         return [Hit.from_json(h) for h in merge_hits(answers, k)]
 
     async def _prepare(self, data: bytes, crop: bool) -> Prepared:
@@ -437,7 +528,7 @@ class Ingress:
             return asyncio.run_coroutine_threadsafe(_ask(self.detector.crop_box, image), loop).result()
 
         try:
-            return await self._in_decoder(self.queries.prepare, data, box_of if crop else None)
+            return await self._timed("decode", self._in_decoder(self.queries.prepare, data, box_of if crop else None))
         except ImageDecodeError as exc:
             raise HTTPException(400, f"cannot decode the image: {exc}") from None
 
@@ -453,6 +544,7 @@ class Ingress:
             chosen = Strategy.resolve(None if strategy is None else Strategy.parse(strategy), self.strategy, fill=fill)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
+        request.state.strategy = chosen.kind  # the request's label in the metrics
         data = await _read_upload(request, self.limit)
         version, manifest = self.serving
         cropping = (crop or self.config.crop) == "auto" and self.detector is not None
@@ -466,25 +558,31 @@ class Ingress:
         if not on_device:
             classes, vector = await self._classify_and_embed(prepared)
 
+        paths = []
+
         async def search(request: Search) -> list[list[Hit]]:
+            paths.append("global" if request.classes is None else "class")
             if request.classes is None:
                 return [await self._merge(vector, [], request.k, "global", min_score, version)]
             return [await self._merge(vector, request.classes[0], request.k, "class", min_score, version)]
 
         [(hits, note)] = await run_plan_async(chosen.plan([classes], k, manifest.class_size), search)
+        self.metrics.search(chosen.kind, "class+fill" if len(paths) > 1 else paths[0], len(hits) >= k)
         return JSONResponse({"strategy": str(chosen), "crop_box": list(box) if box else None, "image_size": size,
                              "classes": classes, "results": _results(hits), "note": note, "index_version": version})
 
     @app.post("/search/text")
-    async def search_text(self, q: str = Query(..., min_length=1, max_length=500),
+    async def search_text(self, request: Request, q: str = Query(..., min_length=1, max_length=500),
                           k: int = Query(5, ge=1, le=100),
                           min_score: float | None = Query(None, ge=-1.0, le=1.0)) -> JSONResponse:
         """Text-to-image search over the whole gallery (CLIP embedders only)."""
+        request.state.strategy = "global"
         if not await _ask(self.embedder.has_text):
             raise HTTPException(501, "this index's embedder has no text tower; text search needs a CLIP embedder")
         version, _ = self.serving
-        vector = await _ask(self.embedder.embed_text, q)
+        vector = await self._timed("embed", _ask(self.embedder.embed_text, q))
         hits = await self._merge(vector, [], k, "global", min_score, version)
+        self.metrics.search("global", "global", len(hits) >= k)
         return JSONResponse({"strategy": "global", "query": q, "results": _results(hits), "index_version": version})
 
     @app.get("/images/{image_id}")
@@ -510,7 +608,8 @@ class Ingress:
     async def healthz(self) -> dict:
         """Liveness: the ingress answers and knows its index (the version it answers from)."""
         version, manifest = self.serving
-        return {"status": "ok", "index_version": version, "index_rows": manifest.rows,
+        self.metrics.serving(version, manifest.rows)
+        return {"status": "ok", "index_version": version, "index_rows": manifest.rows, "api_keys": self.keys.enabled,
                 "index_switched_at": self.switched_at, "retrievers": len(self.retrievers),
                 "models": manifest.models.specs(), "max_query_pixels": self.queries.max_pixels,
                 "decode_budget": {"pixels": self.budget.limit, "in_use": self.budget.in_use, **self.budget.stats}}

@@ -147,8 +147,8 @@ def test_embed_progress_is_one_plain_line(caplog) -> None:
 
     progress = Progress(done_before=7, every_s=0.0)
     with caplog.at_level(logging.INFO, logger="pipeline.embed_job"):
-        progress.add(16)
-        progress.add(16)
+        progress.add({"rows": 16})
+        progress.add({"rows": 16})
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and lines[1].startswith("progress: 32 images embedded in this run (")
     assert lines[1].endswith("images/s), 7 done before")

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import shutil
 import struct
+import time
 import zlib
 from dataclasses import replace
 
@@ -35,6 +36,9 @@ ANY_BOX = {"min_score": 0.0, "max_center_offset": 1.0, "min_area": 0.0, "margin"
 MAX_PIXELS = 400 * 400
 # The main app's ingress decodes at most two images at the limit at once.
 DECODE_BUDGET = 2 * MAX_PIXELS
+# The keys app's API keys (made up for the test) and how many requests each may make at once.
+API_KEYS = ("test-key-0123456789abcdef", "test-key-fedcba9876543210")
+KEY_BURST = 40
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +48,15 @@ def service(tmp_path_factory):
     from serve.app import build_app
 
     root = tmp_path_factory.mktemp("serve")
-    made = make_class_folders(root / "data", classes=3, per_class=5)
-    # 5 logical CPUs: the main app takes 2.0, the decode=device app 1.5 and the head app 1.0 (two
-    # physical cores suffice).
-    ray.init(address="local", num_cpus=5, include_dashboard=False, logging_level="ERROR")
-    run(EmbedConfig(inputs=(str(root / "data"),), output=str(root / "emb"), classifier=TINY_CLASSIFIER,
-                    embedder=TINY_CLIP_SPEC, batch_size=4, top_n=3, max_pixels=MAX_PIXELS))
+    made = make_class_folders(root / "data", classes=3, per_class=5, bad=2)
+    # 6 logical CPUs: the main app takes 2.0, the decode=device app 1.5 and the two head apps 1.0
+    # each (two physical cores suffice). Ray exports the metrics on a Prometheus port, read every
+    # half second from the processes (tests wait for a request's count, never for a time).
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=6, include_dashboard=False, logging_level="ERROR",
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
+    job = run(EmbedConfig(inputs=(str(root / "data"),), output=str(root / "emb"), classifier=TINY_CLASSIFIER,
+                          embedder=TINY_CLIP_SPEC, batch_size=4, top_n=3, max_pixels=MAX_PIXELS))
     # Small shards, split over two retriever deployments: the ingress must merge their top-k.
     manifest = build_index(root / "emb", root / "index", IndexConfig(shard_size=5))
     shards = list(range(len(manifest.shards)))
@@ -69,8 +76,15 @@ def service(tmp_path_factory):
                 classifier=f"head:{root / 'head.safetensors'}")
     serve.run(build_app({"index": str(root / "head-index"), "max_batch_size": 4, "strategy": "class@1"}),
               name="lookalike-head", route_prefix="/head")
+    # The same index behind API keys (a file of two keys), each allowed KEY_BURST requests at once
+    # and one more every 1,000 s: the KEY_BURST + 1st request of a key in this module gets 429.
+    (root / "keys.txt").write_text(f"# keys of the test service\n{API_KEYS[0]}\n{API_KEYS[1]}\n")
+    serve.run(build_app({"index": str(root / "head-index"), "max_batch_size": 4, "strategy": "global",
+                         "api_keys_file": str(root / "keys.txt"), "key_rate_per_s": 0.001, "key_burst": KEY_BURST}),
+              name="lookalike-keys", route_prefix="/keys")
     yield {"url": f"http://127.0.0.1:{port}", "index": root / "index", "head_index": root / "head-index",
-           "images": made["good"]}
+           "images": made["good"], "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "job": job,
+           "emb": root / "emb"}
     serve.shutdown()
     ray.shutdown()
 
@@ -86,7 +100,7 @@ def test_health_and_page(service) -> None:
     # The query pixel limit: the service's (50M by default) or the gallery's, whichever is lower.
     assert health["max_query_pixels"] == MAX_PIXELS and health["decode_budget"]["pixels"] == DECODE_BUDGET
     page = requests.get(service["url"] + "/", timeout=30)
-    assert page.status_code == 200 and "lookalike" in page.text and "/search" in page.text
+    assert page.status_code == 200 and "lookalike" in page.text and "search?" in page.text
     assert "/search" in requests.get(f"{service['url']}/openapi.json", timeout=30).json()["paths"]
 
 
@@ -416,3 +430,211 @@ def test_ask_retries_a_dead_replica_then_gives_up() -> None:
     with pytest.raises(ActorDiedError):
         asyncio.run(_ask(always, 1))
     assert always.calls == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Operations: metrics on Ray's Prometheus endpoint, API keys
+
+
+def scrape(service) -> list:
+    """Every sample on Ray's Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(service["metrics"], timeout=30).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def total(samples, name: str, **labels) -> float:
+    """The sum of a series over the samples whose labels include ``labels`` (all replicas, workers)."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def settled(service, app: str = "lookalike-keys") -> list:
+    """The samples once everything the app counted so far is exported: sends one /healthz request
+    and waits until its count arrives (the replica reports its metrics together, in order)."""
+    name, labels = "ray_lookalike_requests_total", dict(application=app, route="/healthz", status="200")
+    before = total(scrape(service), name, **labels)
+    prefix = {"lookalike-keys": "/keys", "lookalike": ""}[app]
+    assert requests.get(f"{service['url']}{prefix}/healthz", timeout=30).status_code == 200
+    deadline = time.monotonic() + 120
+    while (samples := scrape(service)) and total(samples, name, **labels) < before + 1:
+        assert time.monotonic() < deadline, ("the /healthz request was never counted", [
+            (x.name, x.labels, x.value) for x in samples if "lookalike" in x.name][:20])
+        time.sleep(0.2)
+    assert total(samples, name, **labels) == before + 1
+    return samples
+
+
+def keyed(key: str = API_KEYS[0]) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_metrics_count_each_request_exactly_by_label(service) -> None:
+    """Requests of known kinds through the keyed app: every counter moves by exactly its count."""
+    url, good = f"{service['url']}/keys/search", service["images"][0].read_bytes()
+
+    def ask(status: int, headers: dict | None = None, data: bytes = good, **params) -> None:
+        response = requests.post(url, params=params, data=data, headers=keyed() if headers is None else headers,
+                                 timeout=60)
+        assert response.status_code == status, response.text
+
+    before = settled(service)
+    for _ in range(3):
+        ask(200, k=3, strategy="global")
+    for _ in range(2):
+        ask(200, k=3, strategy="class@1")
+    ask(200, k=8, strategy="class@1")               # 5 in the class, 3 filled from the global search
+    ask(200, k=8, strategy="class@1", fill="false")  # 5 of 8: short
+    ask(200, k=3, strategy="gated:0")               # every probability passes: the class
+    ask(200, k=3, strategy="gated@1:1")             # none does: the whole gallery
+    ask(422, strategy="everything")
+    ask(400, data=b"this is not an image", strategy="global")
+    ask(401, headers={})
+    ask(401, headers={"authorization": "Basic abc"})
+    ask(401, headers=keyed("not-a-key-of-this-service"))
+    after = settled(service)
+
+    def delta(name: str, **labels) -> float:
+        labels["application"] = "lookalike-keys"
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    requests_ = {("global", "200"): 3, ("class", "200"): 4, ("gated", "200"): 2, ("-", "422"): 1,
+                 ("global", "400"): 1, ("-", "401"): 3}
+    for (strategy, status), n in requests_.items():
+        assert delta("ray_lookalike_requests_total", route="/search", strategy=strategy, status=status) == n
+    assert delta("ray_lookalike_requests_total", route="/search") == sum(requests_.values())
+    searches = {("global", "global", "full"): 3, ("class", "class", "full"): 2, ("class", "class+fill", "full"): 1,
+                ("class", "class", "short"): 1, ("gated", "class", "full"): 1, ("gated", "global", "full"): 1}
+    for (strategy, path, result), n in searches.items():
+        assert delta("ray_lookalike_searches_total", strategy=strategy, path=path, result=result) == n
+    assert delta("ray_lookalike_searches_total") == sum(searches.values())
+    assert delta("ray_lookalike_auth_refused_total", reason="missing") == 2
+    assert delta("ray_lookalike_auth_refused_total", reason="wrong") == 1
+    # Stages: 10 uploads decoded (the text is not an image); 9 went through the head in the
+    # Embedder; 10 search rounds (the filled query searched twice).
+    assert delta("ray_lookalike_decode_wait_seconds_count") == 10
+    assert delta("ray_lookalike_stage_seconds_count", stage="decode") == 9
+    assert delta("ray_lookalike_stage_seconds_count", stage="classify+embed") == 9
+    assert delta("ray_lookalike_stage_seconds_count", stage="search") == 10
+    assert delta("ray_lookalike_decode_refused_total") == 0
+    assert total(after, "ray_lookalike_index_version", application="lookalike-keys") == 1
+    assert total(after, "ray_lookalike_index_rows", application="lookalike-keys") == 15
+
+
+def test_job_metrics_count_the_runs_images_parts_and_failures(service) -> None:
+    """The embedding job (the fixture's run, in this process) exported exactly its summary's counts."""
+    from pipeline.embed_output import committed
+    from pipeline.storage import Location
+
+    job, output = service["job"], str(Location(str(service["emb"])))
+    name, parts = "ray_lookalike_job_parts_total", len(committed(Location(str(service["emb"])))["embeddings"])
+    deadline = time.monotonic() + 120
+    while (samples := scrape(service)) and total(samples, name, output=output) < parts:
+        assert time.monotonic() < deadline, "the job's parts were never counted"
+        time.sleep(0.2)
+    assert total(samples, name, output=output) == parts
+    assert total(samples, "ray_lookalike_job_images_total", output=output) == job["embedded_this_run"] == 15
+    failures = {kind: n for kind, n in job["failures_by_type"].items() if n}
+    assert sum(failures.values()) == 2
+    for kind, n in failures.items():
+        assert total(samples, "ray_lookalike_job_failed_total", output=output, kind=kind) == n
+    assert total(samples, "ray_lookalike_job_failed_total", output=output) == 2
+    for stage in ("read", "decode", "model", "write"):
+        assert total(samples, "ray_lookalike_job_busy_seconds_total", output=output, stage=stage) > 0
+
+
+def test_the_dashboard_names_only_series_that_exist(service) -> None:
+    """Every series deploy/grafana's dashboard queries is on the endpoint of a service that ran the
+    job and answered requests (Ray's own Serve series included)."""
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy" / "grafana" / "lookalike.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    assert len(exprs) >= 10
+    named = {n for e in exprs for n in re.findall(r"\b(ray_[a-z_]+)\b", e)}
+    assert any(n.startswith("ray_serve_") for n in named) and any(n.startswith("ray_lookalike_job_") for n in named)
+    settled(service)
+    present = {s.name for s in scrape(service)}
+    # Prometheus has a counter's series from its first event on: no upload of this module was ever
+    # refused by the decode budget (test_budget.py covers refusals), so that one is only checked
+    # to be a counter the service declares.
+    never_happened = {"ray_lookalike_decode_refused_total"}
+    assert 'Counter("lookalike_decode_refused"' in (Path(__file__).parents[1] / "serve" / "metrics.py").read_text()
+    missing = sorted(n for n in named - never_happened if n not in present)
+    assert not missing, f"the dashboard names series that are not exported: {missing}"
+
+
+def test_keys_guard_every_route_but_health_and_the_page(service) -> None:
+    base, good = f"{service['url']}/keys", service["images"][0].read_bytes()
+    health = requests.get(f"{base}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["api_keys"] is True
+    assert requests.get(f"{base}/healthz", timeout=30).json()["index_rows"] == 15
+    assert requests.get(f"{service['url']}/healthz", timeout=30).json()["api_keys"] is False
+    assert requests.get(f"{base}/", timeout=30).status_code == 200  # the page asks for the key itself
+    found = requests.post(f"{base}/search", params={"k": 1}, data=good, headers=keyed(), timeout=60).json()
+    image = found["results"][0]["thumbnail"]  # /images/{id}
+    calls = [("post", "/search", good), ("post", "/search/text?q=a+cat", None), ("get", image, None),
+             ("get", "/openapi.json", None)]
+    for method, path, data in calls:
+        for headers in ({}, keyed("test-key-but-not-this-one-0000"), {"authorization": API_KEYS[0]}):
+            response = requests.request(method, base + path, data=data, headers=headers, timeout=60)
+            assert response.status_code == 401, (path, headers, response.text)
+            assert response.headers["www-authenticate"].startswith("Bearer")
+        response = requests.request(method, base + path, data=data, headers=keyed(), timeout=60)
+        assert response.status_code == 200, (path, response.text)
+    # The other key works as well; the first key's answer is the same without a key on the open app.
+    with_key = requests.post(f"{base}/search", params={"k": 3}, data=good, headers=keyed(API_KEYS[1]), timeout=60)
+    assert with_key.status_code == 200 and len(with_key.json()["results"]) == 3
+
+
+def test_a_key_past_its_burst_gets_429_with_retry_after(service) -> None:
+    """The second key makes KEY_BURST requests (its bucket refills one per 1,000 s), then is refused;
+    the first key is not affected."""
+    url = f"{service['url']}/keys/openapi.json"
+    statuses = [requests.get(url, headers=keyed(API_KEYS[1]), timeout=30).status_code for _ in range(KEY_BURST)]
+    refused = requests.get(url, headers=keyed(API_KEYS[1]), timeout=30)
+    # Requests of earlier tests with this key used some of its burst already: all of them succeeded
+    # until the bucket ran dry, and every one after is refused.
+    assert statuses[0] == 200 and refused.status_code == 429
+    assert statuses == sorted(statuses) and set(statuses) <= {200, 429}
+    assert 1 <= int(refused.headers["retry-after"]) <= 1000
+    assert requests.get(url, headers=keyed(API_KEYS[0]), timeout=30).status_code == 200
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None or importlib.util.find_spec("playwright") is None,
+                    reason="needs Debian's chromium and the playwright package (make install)")
+def test_web_page_asks_for_the_key_once_and_sends_it(service) -> None:
+    """The keyed app's page in headless Chromium: a search without the key is refused and says so;
+    with the key typed once, the search and every thumbnail (fetched with the key) load, and the key
+    is remembered by the next page load."""
+    from playwright.sync_api import sync_playwright
+
+    photo = service["images"][0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(service["url"] + "/keys/")
+            page.wait_for_selector("#key-row:not([hidden])", timeout=30_000)  # /healthz said keys are on
+            page.fill("#k", "3")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=60_000)
+            assert "API key" in page.inner_text("#status") and page.locator("figure.result").count() == 0
+            page.fill("#apikey", API_KEYS[0])
+            page.dispatch_event("#apikey", "change")
+            page.set_input_files("#file", [])
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("figure.result", timeout=60_000)
+            assert page.locator("figure.result").count() == 3 and "3 results" in page.inner_text("#status")
+            page.wait_for_function("Array.from(document.querySelectorAll('figure.result img'))"
+                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+            page.reload()
+            page.wait_for_selector("#key-row:not([hidden])", timeout=30_000)
+            assert page.input_value("#apikey") == API_KEYS[0]
+        finally:
+            browser.close()
