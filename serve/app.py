@@ -50,7 +50,7 @@ from pipeline.storage import Location
 from serve import access
 from serve.access import KeyCheck, read_keys
 from serve.budget import BudgetExhausted, PixelBudget
-from serve.metrics import ServiceMetrics
+from serve.metrics import NoMetrics, ServiceMetrics
 
 logger = logging.getLogger("serve.app")
 PAGE = Path(__file__).with_name("page.html")
@@ -100,6 +100,7 @@ class AppConfig:
         key_rate_per_s: requests a second each key may make per ingress replica (0: no limit);
             beyond it, and beyond ``key_burst`` at once, the answer is 429 with ``Retry-After``.
         key_burst: requests a key may make at once above its rate.
+        metrics: export the application metrics (:mod:`serve.metrics`) through Ray's metrics system.
     """
 
     index: str
@@ -124,6 +125,7 @@ class AppConfig:
     api_keys_file: str | None = None
     key_rate_per_s: float = 0.0
     key_burst: int = 10
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.crop not in ("auto", "off"):
@@ -424,7 +426,7 @@ class Ingress:
         # with many threads the replica would keep several budgets' worth of freed memory.
         self.decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self.switched_at: float | None = None
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics() if self.config.metrics else NoMetrics()
         self.metrics.serving(manifest.version, manifest.rows)
         keys = read_keys(self.config.api_keys_file)
         self.keys = KeyCheck(keys, self.config.key_rate_per_s, self.config.key_burst)

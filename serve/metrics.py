@@ -68,3 +68,22 @@ class ServiceMetrics:
     def serving(self, version: int, rows: int) -> None:
         self.index_version.set(version)
         self.index_rows.set(rows)
+
+
+class _Nothing:
+    """A metric that records nothing."""
+
+    def inc(self, *args, **kwargs) -> None: ...
+
+    def observe(self, *args, **kwargs) -> None: ...
+
+    def set(self, *args, **kwargs) -> None: ...
+
+
+class NoMetrics(ServiceMetrics):
+    """The service with its application metrics off (``metrics: false``; the benchmark's baseline)."""
+
+    def __init__(self) -> None:  # noqa: D107 - every metric records nothing
+        nothing = _Nothing()
+        self.requests = self.searches = self.stage_seconds = self.decode_wait = self.decode_refused = nothing
+        self.index_version = self.index_rows = self.auth_refused = nothing

@@ -263,6 +263,16 @@ def test_gpu_workers_request_gpus_and_every_pod_gets_s3_keys_from_a_secret(manif
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
+def test_every_service_pod_reads_the_api_keys_from_an_optional_secret() -> None:
+    """Any pod may host an ingress replica: each gets LOOKALIKE_API_KEYS (serve/access.py) from the
+    Secret lookalike-api-keys, optional (no Secret: a service without keys)."""
+    from serve.access import KEYS_ENV
+
+    for group, pod in _ray_pods(_load(RAYSERVICE)):
+        ref = _env(pod["containers"][0])[KEYS_ENV]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "lookalike-api-keys", "key": "keys", "optional": True}, group
+
+
 def test_every_pod_runs_cluster_yamls_image_with_the_project_installed(manifest: dict) -> None:
     """One image everywhere, built from deploy/kuberay/Dockerfile: cluster.yaml's image with the
     project installed as cluster.yaml installs it."""
@@ -495,8 +505,8 @@ def _head_container(m: dict) -> dict:
     (RAYJOB, lambda m: m["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
      [".spec.rayClusterSpec.headGroupSpec.rayStartParams: must map to strings (KubeRay's map[string]string)"]),
     (RAYSERVICE, lambda m: _head_container(m)["env"].append({"name": "RAY_AUTH_TOKEN", "value": "not-a-secret"}),
-     [".spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].env[6]: RAY_AUTH_TOKEN must come "
-      "from a Secret (valueFrom.secretKeyRef)"]),
+     [f".spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].env[{len(_head_container(_load(RAYSERVICE))['env'])}]: "
+      "RAY_AUTH_TOKEN must come from a Secret (valueFrom.secretKeyRef)"]),  # the appended, last entry
     (RAYJOB, lambda m: m["spec"]["rayClusterSpec"].pop("authOptions"),
      [".spec.rayClusterSpec.authOptions: missing (RayClusterSpec)", ".spec.rayClusterSpec.authOptions.mode: "
       "missing (AuthOptions)", ".spec.rayClusterSpec.authOptions.secretName: missing (AuthOptions)",

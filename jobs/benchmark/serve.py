@@ -1,11 +1,14 @@
 """``serve``: the Ray Serve graph under a bounded closed-loop load on 127.0.0.1, against the same
-query path called in one process; batching on and off, optionally uploads decoded on the model
+query path called in one process; batching on and off, the application metrics off and API keys on
+(what the operations features cost, in the same run), optionally uploads decoded on the model
 device, then a soak with a Classifier replica killed and the model deployments autoscaling.
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,13 +55,14 @@ def _closed_loop(call, concurrency: int, requests_total: int, seconds: float = f
 
 
 def _load(url: str, payloads: list[bytes], concurrency: int, requests_total: int, seconds: float,
-          params: dict | None = None) -> dict:
+          params: dict | None = None, headers: dict | None = None) -> dict:
     """A bounded closed-loop load on one URL: at most ``requests_total`` requests or ``seconds``."""
     sessions = threading.local()  # one HTTP session per load thread
 
     def post(i: int) -> str | None:
         try:
-            response = sessions.session.post(url, params=params, data=payloads[i % len(payloads)], timeout=60)
+            response = sessions.session.post(url, params=params, data=payloads[i % len(payloads)], headers=headers,
+                                             timeout=60)
         except requests.RequestException as exc:
             return type(exc).__name__
         return None if response.status_code == 200 else f"HTTP {response.status_code}"
@@ -96,16 +100,25 @@ def bench_serve(args: argparse.Namespace) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/search"
     results["graph"] = {}
-    variants = [("batched", args.max_batch_size, "cpu"), ("unbatched", 1, "cpu")]
+    # The operations features against the same graph in this run: application metrics off (the
+    # baseline of "batched", which exports them), and API keys on (each request sends its key).
+    key = secrets.token_urlsafe(32)
+    keys_file = Path(tempfile.mkdtemp(prefix="lookalike-bench-")) / "api-keys"
+    keys_file.write_text(key + "\n")
+    batched = {"max_batch_size": args.max_batch_size}
+    variants = [("batched", batched, None), ("batched, metrics off", {**batched, "metrics": False}, None),
+                ("batched, API keys", {**batched, "api_keys_file": str(keys_file)}, {"authorization": f"Bearer {key}"}),
+                ("unbatched", {"max_batch_size": 1}, None)]
     if "device" in args.decode:  # the replicas decode uploads on their device (the GPU fast path)
-        variants.append(("batched, device decode", args.max_batch_size, "device"))
-    for label, batch, decode in variants:
-        serve.run(build_app({"index": args.index, "max_batch_size": batch, "decode": decode}),
-                  name="lookalike", route_prefix="/")
-        _load(url, payloads, 1, 5, 60)  # warm-up
-        levels = (8,) if label == "unbatched" else (1, 8, 32)
-        results["graph"][label] = [_load(url, payloads, c, args.requests, args.seconds) for c in levels]
+        variants.append(("batched, device decode", {**batched, "decode": "device"}, None))
+    for label, config, headers in variants:
+        serve.run(build_app({"index": args.index, **config}), name="lookalike", route_prefix="/")
+        _load(url, payloads, 1, 5, 60, headers=headers)  # warm-up
+        levels = args.levels if label.startswith("batched") else (8,)
+        results["graph"][label] = [_load(url, payloads, c, args.requests, args.seconds, headers=headers)
+                                   for c in levels]
         serve.delete("lookalike")
+    keys_file.unlink()
 
     # Autoscaling and a replica killed mid-run: a longer soak at concurrency 32.
     serve.run(_autoscaling_app(args), name="lookalike", route_prefix="/")
@@ -178,5 +191,7 @@ def add_arguments(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--soak", type=float, default=120, help="seconds of the soak with a replica killed")
     srv.add_argument("--cooldown", type=float, default=30, help="idle seconds before counting replicas again")
     srv.add_argument("--max-batch-size", type=int, default=16)
+    srv.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32],
+                     help="concurrency levels of the batched variants (default: 1 8 32)")
     srv.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "device"],
                      help="also measure the graph with uploads decoded on the model device (--decode cpu device)")
