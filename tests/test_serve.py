@@ -323,6 +323,8 @@ def test_model_overrides_that_differ_from_the_index_are_refused(service) -> None
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 
 
 @pytest.mark.browser
@@ -334,9 +336,7 @@ def test_web_page_upload_shows_classes_and_results(service, tmp_path) -> None:
 
     photo = next(p for p in sample_photos() if p.name == "chelsea.png")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(service["url"] + "/")
@@ -614,9 +614,7 @@ def test_web_page_asks_for_the_key_once_and_sends_it(service) -> None:
 
     photo = service["images"][0]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(service["url"] + "/keys/")
