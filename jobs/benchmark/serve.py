@@ -80,6 +80,37 @@ def _direct(engine, payloads: list[bytes], concurrency: int, requests_total: int
     return {key: value for key, value in row.items() if key not in ("failed", "failure_kinds")}
 
 
+def _operations_cost(rounds: int = 20_000) -> dict:
+    """Microseconds the ingress spends per ``/search`` request on its metrics (the route lookup and
+    the eight records of a global search) and on an API key check, timed over ``rounds`` calls in this
+    process (Ray must be initialised: the metrics are Ray's)."""
+    from serve import app as ingress
+    from serve.access import KeyCheck
+    from serve.metrics import ServiceMetrics
+
+    metrics, keys = ServiceMetrics(), KeyCheck(["k" * 43])
+    scope = {"type": "http", "path": "/search", "root_path": "", "method": "POST", "app": ingress.app,
+             "headers": [], "query_string": b""}
+
+    def request() -> None:
+        ingress._route_of(scope)
+        metrics.decode_wait.observe(0.0001)
+        for stage in ("decode", "classify", "embed", "search"):
+            metrics.stage(stage, 0.01)
+        metrics.search("global", "global", True)
+        metrics.request("/search", "global", 200)
+
+    def per_call_us(call) -> float:
+        call()
+        start = time.perf_counter()
+        for _ in range(rounds):
+            call()
+        return round((time.perf_counter() - start) / rounds * 1e6, 1)
+
+    return {"metrics_us_per_request": per_call_us(request),
+            "key_check_us": per_call_us(lambda: keys.check("Bearer " + "k" * 43))}
+
+
 def _replicas(app: str = "lookalike") -> dict[str, int]:
     status = serve.status().applications[app].deployments
     return {name: sum(d.replica_states.values()) if d.replica_states else 0 for name, d in status.items()}
@@ -96,6 +127,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
     del engine
 
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    results["operations_cost"] = _operations_cost()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/search"
@@ -175,6 +207,10 @@ def print_serve(results: dict) -> None:
             row("graph, " + label, figures)
     soak = results["soak"]
     row("soak (replica killed)", soak)
+    cost = results.get("operations_cost")
+    if cost:
+        print(f"ingress work per request, timed in one process: metrics {cost['metrics_us_per_request']} us "
+              f"(route lookup + 8 records of a global search), API key check {cost['key_check_us']} us")
     print(f"killed: {results.get('killed_replica', 'none')}; failure kinds: {soak['failure_kinds'] or 'none'}")
     print(f"replicas before {results['replicas_before']}, max during {results['replicas_max_during']}, "
           f"after cool-down {results['replicas_after_cooldown']}")
