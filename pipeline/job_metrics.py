@@ -51,7 +51,6 @@ class JobMetrics:
                               tag_keys=("output", "stage", "kind"))
         self.busy = Counter("lookalike_job_busy_seconds", description="Seconds each stage spent on committed images "
                             "(summed over its workers)", tag_keys=("output", "stage"))
-        self.failures: Tally[tuple[str, str]] = Tally()
 
     def part(self, summary: dict) -> None:
         """One committed part: its write summary (``rows`` and the ``*_s`` busy seconds)."""
@@ -75,6 +74,5 @@ class JobMetrics:
             return
         self.seen_errors.update(new)
         found = Tally(zip(map(str, np.concatenate(stages)), map(str, np.concatenate(kinds))))
-        self.failures.update(found)
         for (stage, kind), n in found.items():
             self.failed.inc(n, tags={**self.tags, "stage": stage, "kind": kind})

@@ -138,9 +138,7 @@ class AppConfig:
             raise ValueError(f"index_poll_s must be >= 0, got {self.index_poll_s}")
         if self.max_query_pixels < 1 or self.decode_pixel_budget < 1 or self.decode_wait_s < 0:
             raise ValueError("max_query_pixels and decode_pixel_budget must be >= 1, decode_wait_s >= 0")
-        if self.key_rate_per_s < 0 or self.key_burst < 1:
-            raise ValueError(f"key_rate_per_s must be >= 0 and key_burst >= 1, got {self.key_rate_per_s}, "
-                             f"{self.key_burst}")
+        KeyCheck([], self.key_rate_per_s, self.key_burst)  # ValueError for a bad rate or burst
         Strategy.load(self.strategy)
         CropPolicy(**self.crop_policy)
 
