@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"total steps (default: {defaults.steps})")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--augment", default=defaults.augment,
+                        help="per training image: a comma list of crop (random 50-100 %% crop, resized back) and "
+                             f"flip (left-right; not for digits or text), or none (default: {defaults.augment})")
+    parser.add_argument("--classify", type=float, default=defaults.classify,
+                        help="weight of a cross-entropy term (cosine classifier over the embedding, one learned "
+                             f"vector per class) beside the metric loss; 0: off (default: {defaults.classify})")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--device", default="auto", help="local runs: auto, cpu, cuda[:N]")
     parser.add_argument("--ray", action="store_true", help="run as a Ray Train job (TorchTrainer)")
@@ -75,7 +81,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(backbone=args.backbone, dim=args.dim, input_size=args.input_size, loss=args.loss,
                        margin=args.margin, mining=args.mining, temperature=args.temperature,
                        classes_per_batch=args.classes_per_batch, per_class=args.per_class, steps=args.steps,
-                       lr=args.lr, seed=args.seed)
+                       lr=args.lr, seed=args.seed, augment=args.augment, classify=args.classify)
 
 
 def _train_worker(loop_config: dict) -> None:

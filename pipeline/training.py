@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline.files import replace_atomically
@@ -34,6 +35,20 @@ from pipeline.sources import read_uri
 
 MINING = ("batch-hard", "semi-hard")
 LOSSES = ("triplet", "multi-similarity", "supcon")
+AUGMENTATIONS = ("crop", "flip")
+
+
+def parse_augment(text: str) -> tuple[str, ...]:
+    """``"crop,flip"`` -> ``("crop", "flip")``; ``"none"`` or ``""`` -> ``()``.
+
+    Raises:
+        ValueError: an unknown augmentation.
+    """
+    names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none")
+    unknown = sorted(set(names) - set(AUGMENTATIONS))
+    if unknown:
+        raise ValueError(f"unknown augmentation {', '.join(unknown)}; use none or a comma list of {AUGMENTATIONS}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,12 @@ class TrainConfig:
         lr: AdamW learning rate (the new head gets 10x).
         weight_decay: AdamW weight decay.
         seed: sampling and head initialisation.
+        augment: what each training image goes through, a comma list: ``crop`` (a random crop of 50-100 %
+            of the area, aspect 3:4 to 4:3, resized back), ``flip`` (left-right, half of the images; not
+            for sets where a mirror image is another class, such as digits), or ``none``.
+        classify: weight of a cross-entropy term beside the metric loss: a cosine classifier over the
+            embedding with one learned vector per class (normalised softmax, scale 16); 0 turns it off.
+            The class vectors serve training only; the saved embedder is the same model either way.
     """
 
     backbone: str = "timm:tf_efficientnet_lite0"
@@ -70,6 +91,8 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     seed: int = 0
+    augment: str = "none"
+    classify: float = 0.0
 
     def __post_init__(self) -> None:
         if as_spec(self.backbone).library != "timm":
@@ -82,6 +105,9 @@ class TrainConfig:
             raise ValueError("a class-balanced batch needs classes_per_batch >= 2 and per_class >= 2")
         if self.dim < 1 or self.steps < 1 or self.margin <= 0 or self.lr <= 0 or self.temperature <= 0:
             raise ValueError("dim and steps must be >= 1, margin, lr and temperature > 0")
+        parse_augment(self.augment)
+        if self.classify < 0:
+            raise ValueError(f"classify must be >= 0, got {self.classify}")
         if self.input_size is not None and self.input_size < 32:
             raise ValueError(f"input_size must be >= 32 pixels, got {self.input_size}")
 
@@ -217,6 +243,52 @@ def metric_loss(config: "TrainConfig", embeddings: torch.Tensor,
     return multi_similarity_loss(embeddings, labels)
 
 
+class WithClassVectors(torch.nn.Module):
+    """The embedding model plus one learned vector per class, for the ``classify`` cross-entropy term.
+
+    ``forward`` is the model's; :func:`classify_loss` reads ``class_vectors``. Wrapping them in one module
+    lets DistributedDataParallel average their gradients with the model's.
+    """
+
+    def __init__(self, model: torch.nn.Module, classes: int, dim: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.model = model
+        self.class_vectors = torch.nn.Parameter(torch.randn(classes, dim, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def classify_loss(embeddings: torch.Tensor, labels: torch.Tensor, class_vectors: torch.Tensor,
+                  scale: float = 16.0) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of a cosine classifier (normalised softmax) over L2-normalised embeddings; and its accuracy."""
+    logits = scale * embeddings @ torch.nn.functional.normalize(class_vectors.float(), dim=-1).T
+    with torch.no_grad():
+        accuracy = float((logits.argmax(1) == labels).float().mean())
+    return torch.nn.functional.cross_entropy(logits, labels), accuracy
+
+
+def augment_images(images: np.ndarray, augment: tuple[str, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random crops (50-100 % of the area, aspect 3:4 to 4:3, resized back) and/or left-right flips of
+    uint8 images (N, H, W, 3); the same ``rng`` state gives the same result."""
+    if not augment or not len(images):
+        return images
+    out = images.copy()
+    height, width = images.shape[1:3]
+    for i in range(len(out)):
+        if "crop" in augment:
+            area = rng.uniform(0.5, 1.0) * height * width
+            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            w = int(round(min(width, np.sqrt(area * aspect))))
+            h = int(round(min(height, np.sqrt(area / aspect))))
+            top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+            crop = Image.fromarray(out[i, top:top + h, left:left + w])
+            out[i] = np.asarray(crop.resize((width, height), Image.BILINEAR))
+        if "flip" in augment and rng.random() < 0.5:
+            out[i] = out[i, :, ::-1]
+    return out
+
+
 def class_balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class: int, seed: int,
                            start: int = 0) -> Iterator[np.ndarray]:
     """Endless P x K batches of indices: ``classes_per_batch`` classes, ``per_class`` images of each.
@@ -250,6 +322,8 @@ def save_embedder(model: torch.nn.Module, path: Path, config: TrainConfig, prepr
                   extra: dict | None = None) -> str:
     """Writes the trained model as a safetensors file that ``load_embedder`` reads; returns its spec."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if isinstance(model, WithClassVectors):
+        model = model.model
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     spec = as_spec(config.backbone)
     metadata = {"format": EMBEDDING_FORMAT, "backbone": spec.name, "dim": str(config.dim),
@@ -262,8 +336,10 @@ def save_embedder(model: torch.nn.Module, path: Path, config: TrainConfig, prepr
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; the new head learns 10x faster than the pretrained backbone."""
-    head = {id(p) for p in getattr(model, "module", model).get_classifier().parameters()}
+    """AdamW; the new head (and the class vectors) learn 10x faster than the pretrained backbone."""
+    inner = getattr(model, "module", model)
+    head = {id(p) for p in getattr(inner, "model", inner).get_classifier().parameters()}
+    head |= {id(p) for name, p in inner.named_parameters() if name == "class_vectors"}
     params = list(model.parameters())
     return torch.optim.AdamW([{"params": [p for p in params if id(p) not in head], "lr": config.lr},
                               {"params": [p for p in params if id(p) in head], "lr": config.lr * 10}],
@@ -307,7 +383,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = json.loads(state["config"])
     mine = dataclasses.asdict(config)
-    differ = sorted(k for k in mine if k != "steps" and saved.get(k) != mine[k])
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields added since it was saved
+    differ = sorted(k for k in mine if k != "steps" and saved.get(k, defaults[k]) != mine[k])
     if differ:
         raise ValueError(f"{path} was trained with other settings ({', '.join(differ)}); "
                          f"use another output folder or the same settings to resume")
@@ -331,6 +408,9 @@ def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path
     """
     output = Path(output)
     model, preprocess = create_embedding_model(config)
+    classes = {c: i for i, c in enumerate(sorted(set(labels)))}
+    if config.classify:
+        model = WithClassVectors(model, len(classes), config.dim, torch.Generator().manual_seed(config.seed + 1))
     model = model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
@@ -340,10 +420,10 @@ def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path
     start_step, start, seen, failed, window = step, time.perf_counter(), 0, 0, []
     batches = class_balanced_batches(np.asarray(labels), config.classes_per_batch, config.per_class,
                                      seed=config.seed + 7919 * rank, start=step)
-    classes = {c: i for i, c in enumerate(sorted(set(labels)))}
     label_ids = np.array([classes[c] for c in labels])
     runtime_device = torch.device(device)
     runtime = Runtime(device=device)
+    augment = parse_augment(config.augment)
     scaler = torch.amp.GradScaler(runtime_device.type, enabled=autocast_dtype == torch.float16)
     model.train()
     while step < config.steps:
@@ -351,12 +431,16 @@ def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path
         failed += bad
         if len(kept) < 2:
             continue
+        images = augment_images(images, augment, np.random.default_rng([config.seed + 7919 * rank, step, 1]))
         x = to_model_input(images, preprocess, runtime)
         y = torch.from_numpy(label_ids[kept]).to(runtime_device)
         with torch.autocast(runtime_device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             embeddings = embed(model, x)
         loss, stats = metric_loss(config, embeddings, y)
+        if config.classify:
+            ce, stats["train_accuracy"] = classify_loss(embeddings, y, getattr(model, "module", model).class_vectors)
+            loss = loss + config.classify * ce
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -16,7 +16,9 @@ from pipeline.datasets import list_labelled_images
 from pipeline.models import load_embedder, select_runtime
 from pipeline.training import (
     TrainConfig,
+    augment_images,
     class_balanced_batches,
+    classify_loss,
     multi_similarity_loss,
     pairwise_distances,
     supcon_loss,
@@ -135,6 +137,39 @@ def test_config_is_validated() -> None:
         TrainConfig(per_class=1)
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(loss="arcface")
+    with pytest.raises(ValueError, match="unknown augmentation rotate"):
+        TrainConfig(augment="crop,rotate")
+    with pytest.raises(ValueError, match="classify"):
+        TrainConfig(classify=-1)
+    assert TrainConfig(augment="none").augment == "none"
+
+
+def test_augmentation_flips_and_crops_reproducibly() -> None:
+    # A left-to-right ramp: a flip reverses it, a crop resized back keeps it rising and within its range.
+    ramp = np.broadcast_to(np.linspace(0, 255, 32).astype(np.uint8)[None, :, None], (32, 32, 3))
+    images = np.stack([ramp] * 16)
+    assert augment_images(images, (), np.random.default_rng(0)) is images
+    flipped = augment_images(images, ("flip",), np.random.default_rng(0))
+    was_flipped = [bool((f == ramp[:, ::-1]).all()) for f in flipped]
+    assert all(was_flipped[i] or (flipped[i] == ramp).all() for i in range(16))
+    assert 0 < sum(was_flipped) < 16  # half of them, by chance: never all or none of 16 with this seed
+    cropped = augment_images(images, ("crop",), np.random.default_rng(1))
+    assert cropped.shape == images.shape and cropped.dtype == np.uint8
+    assert (np.diff(cropped[:, 16, :, 0].astype(int), axis=1) >= 0).all()  # still rising left to right
+    assert (cropped != images).any(axis=(1, 2, 3)).sum() >= 12  # most crops are not the whole image
+    np.testing.assert_array_equal(cropped, augment_images(images, ("crop",), np.random.default_rng(1)))
+    assert (images == ramp).all()  # the input is not changed in place
+
+
+def test_classify_loss_by_hand() -> None:
+    embeddings = unit([1, 0], [0, 1], [1, 1])
+    vectors = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalised inside: (1, 0) and (0, 1)
+    labels = torch.tensor([0, 1, 1])
+    loss, accuracy = classify_loss(embeddings, labels, vectors, scale=16.0)
+    logits = 16 * torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5 ** 0.5, 0.5 ** 0.5]])
+    expected = -torch.log_softmax(logits, 1)[[0, 1, 2], [0, 1, 1]].mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert accuracy == pytest.approx(2 / 3)  # the tie on row 3 goes to class 0
 
 
 def tiny_config(**kwargs) -> TrainConfig:
@@ -181,6 +216,36 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
     whole = load_embedder(f"{TINY_CLASSIFIER.split('@')[0]}@{tmp_path / 'whole' / 'embedder.safetensors'}")
     split = load_embedder(f"{TINY_CLASSIFIER.split('@')[0]}@{tmp_path / 'split' / 'embedder.safetensors'}")
     np.testing.assert_allclose(whole.embed_images(images), split.embed_images(images), atol=1e-4)
+
+
+def test_augmented_classify_run_resumes_exactly_and_saves_the_plain_model(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "data", classes=3, per_class=5)
+    paths, labels = list_labelled_images(tmp_path / "data")
+    config = dict(augment="crop,flip", classify=1.0)
+    whole = train(tiny_config(steps=6, **config), paths, labels, tmp_path / "whole", checkpoint_every=3,
+                  log_every=3)
+    assert "train_accuracy" in whole["history"][-1]
+    train(tiny_config(steps=3, **config), paths, labels, tmp_path / "split", checkpoint_every=3)
+    train(tiny_config(steps=6, **config), paths, labels, tmp_path / "split", checkpoint_every=3)
+    with pytest.raises(ValueError, match="other settings"):
+        train(tiny_config(steps=9, augment="crop,flip"), paths, labels, tmp_path / "split")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    # The embedder file holds the model alone (no class vectors) and loads like any other.
+    a = load_embedder(f"{TINY_CLASSIFIER.split('@')[0]}@{tmp_path / 'whole' / 'embedder.safetensors'}")
+    b = load_embedder(f"{TINY_CLASSIFIER.split('@')[0]}@{tmp_path / 'split' / 'embedder.safetensors'}")
+    np.testing.assert_allclose(a.embed_images(images), b.embed_images(images), atol=1e-4)
+
+
+def test_a_checkpoint_from_before_augmentation_resumes(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "data", classes=2, per_class=4)
+    paths, labels = list_labelled_images(tmp_path / "data")
+    train(tiny_config(steps=2), paths, labels, tmp_path / "out")
+    checkpoint = tmp_path / "out" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    config = json.loads(state["config"])
+    del config["augment"], config["classify"]  # as written before these settings existed
+    torch.save(state | {"config": json.dumps(config)}, checkpoint)
+    assert train(tiny_config(steps=3), paths, labels, tmp_path / "out")["steps_this_run"] == 1
 
 
 def test_cli_trains_and_reports(tmp_path: Path, capsys) -> None:
