@@ -338,7 +338,8 @@ def save_embedder(model: torch.nn.Module, path: Path, config: TrainConfig, prepr
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; the new head (and the class vectors) learn 10x faster than the pretrained backbone."""
     inner = getattr(model, "module", model)
-    head = {id(p) for p in getattr(inner, "model", inner).get_classifier().parameters()}
+    backbone = inner.model if isinstance(inner, WithClassVectors) else inner
+    head = {id(p) for p in backbone.get_classifier().parameters()}
     head |= {id(p) for name, p in inner.named_parameters() if name == "class_vectors"}
     params = list(model.parameters())
     return torch.optim.AdamW([{"params": [p for p in params if id(p) not in head], "lr": config.lr},
