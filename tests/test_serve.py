@@ -41,6 +41,17 @@ API_KEYS = ("test-key-0123456789abcdef", "test-key-fedcba9876543210")
 KEY_BURST = 40
 
 
+@ray.remote(num_cpus=0)
+def call_embedder_encoded(app: str, data: bytes):
+    """The Embedder's ``classify_and_embed_encoded``, called through a deployment handle from a Ray
+    worker. A handle used in the test process itself would leave Serve's router thread there, still
+    running its event loop (and loop metrics) after ray.shutdown() and through every later module,
+    where it can crash the interpreter at exit; a worker's thread ends with the worker."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Embedder", app_name=app).classify_and_embed_encoded.remote(data).result()
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     from ray import serve
@@ -299,15 +310,14 @@ def test_a_head_index_is_served_without_a_classifier_deployment(service) -> None
         if online["note"] is None:  # a full class answer: the predicted class's own images
             assert {h["label"] for h in online["results"]} == {online["classes"][0]["name"]}
     # decode: device uses the Embedder's other entry point: the same classes and vector.
-    handle = serve.get_deployment_handle("Embedder", app_name="lookalike-head")
     data = service["images"][0].read_bytes()
-    classes, vector = handle.classify_and_embed_encoded.remote(data).result()
+    classes, vector = ray.get(call_embedder_encoded.remote("lookalike-head", data))
     online = requests.post(f"{service['url']}/head/search", params={"k": 3}, data=data, timeout=60).json()
     assert_same_ranking([c["index"] for c in classes], [c["probability"] for c in classes],
                         [c["index"] for c in online["classes"]], [c["probability"] for c in online["classes"]],
                         atol=0.02)
     assert vector.shape == (engine.index.dim,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-4
-    bad = handle.classify_and_embed_encoded.remote(b"not an image").result()
+    bad = ray.get(call_embedder_encoded.remote("lookalike-head", b"not an image"))
     assert isinstance(bad, dict) and "error" in bad
 
 
