@@ -5,9 +5,17 @@ Rows are split by id (a stable hash of the uri), per label: in each label, the `
 of rows that come first in a fixed scrambling of their ids (at least one, for a label with two or
 more rows) is held out; the rest train the head with mini-batch AdamW and cross-entropy. The held-out rows then fit the temperature
 (the one scalar that minimises their negative log-likelihood, so a gated strategy's threshold reads
-as a probability) and give the accuracy that is reported. The parts are streamed one at a time, each
-epoch in a new seeded order, so an output larger than memory trains on one machine; rows without a
-label are skipped. Up to :data:`CACHE_BYTES` of parts stay in memory between epochs.
+as a probability) and give the accuracy that is reported. Rows without a label are skipped.
+
+Two ways to read the rows, each epoch in a new seeded order through a shuffle buffer of
+:data:`SHUFFLE_BATCHES` batches:
+
+- on this machine (the default): the parts are streamed one at a time, so an output larger than
+  memory trains here; up to :data:`CACHE_BYTES` of parts stay in memory between epochs;
+- with Ray Data (``ray_data=True``): Ray tasks read the parts across the cluster once and keep the
+  rows in the cluster's object store between epochs, so an output larger than one machine's memory
+  trains without reading its parts again; this process only receives the batches. Ray Data's block
+  order is not reproducible to the bit, so two such fits agree closely, not exactly.
 """
 
 from __future__ import annotations
@@ -119,36 +127,80 @@ def labelled_ids(parts: list[Location]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
-             progress: Callable[[str], None] = logger.info) -> FittedHead:
+             progress: Callable[[str], None] = logger.info, ray_data: bool = False) -> FittedHead:
     """Fits a head on the labelled rows of embedding parts.
+
+    Args:
+        ray_data: read the rows with Ray Data on the Ray this process is connected to (see the
+            module's docstring); the caller connects first.
 
     Raises:
         ValueError: fewer than two labels, or no held-out rows (too few rows).
     """
     start = time.perf_counter()
-    all_ids, all_labels = labelled_ids(parts)
+    all_ids, all_labels = _ray_labelled_ids(parts) if ray_data else labelled_ids(parts)
     labels = sorted(set(all_labels.tolist()))
     held_out = held_out_ids(all_ids, all_labels, settings.held_out)
     if len(labels) < 2:
         raise ValueError(f"a classifier head needs at least two labels; the rows have {len(labels)}")
     index = {label: i for i, label in enumerate(labels)}
+    rows = (_RayDataRows if ray_data else _LocalRows)(parts, held_out, index, settings.batch_size)
 
-    cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    dim = read_labelled(parts[0])[2].shape[1]
+    torch.manual_seed(settings.seed)
+    net = HeadNet(dim, len(labels), settings.hidden)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    train_rows = 0
+    for epoch in range(settings.epochs):
+        net.train()
+        total, seen = 0.0, 0
+        for x, y in rows.batches(settings.seed * 1_000_003 + epoch, held=False):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        schedule.step()
+        train_rows = seen
+        if epoch == 0 or (epoch + 1) % max(1, settings.epochs // 5) == 0 or epoch + 1 == settings.epochs:
+            progress(f"epoch {epoch + 1}/{settings.epochs}: loss {total / max(seen, 1):.4f} on {seen} rows")
+    if train_rows == 0:
+        raise ValueError("no training rows: every labelled row fell in the held-out part")
+    net.eval()
+    with torch.inference_mode():
+        held = [(net(x), y) for x, y in rows.batches(0, held=True)]
+    if not held:
+        raise ValueError(f"no held-out rows among {train_rows}: every label has a single row")
+    logits, targets = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+    temperature, before, after = fit_temperature(logits, targets)
+    accuracy = float((logits.argmax(dim=1) == targets).float().mean())
+    return FittedHead(net, labels, temperature, accuracy, train_rows, len(targets), (before, after),
+                      time.perf_counter() - start)
 
-    def part(p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+class _LocalRows:
+    """The rows streamed from the parts on this machine (up to :data:`CACHE_BYTES` cached)."""
+
+    def __init__(self, parts: list[Location], held_out: np.ndarray, index: dict[str, int], batch_size: int) -> None:
+        self.parts, self.held_out, self.index, self.batch_size = parts, held_out, index, batch_size
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def part(self, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Part ``p``'s held-out flags, class indices and vectors."""
-        if p in cache:
-            return cache[p]
-        ids, names, vectors = read_labelled(parts[p])
-        found = (_member(ids, held_out), np.array([index[n] for n in names], dtype=np.int64), vectors)
-        if sum(c[2].nbytes for c in cache.values()) + vectors.nbytes <= CACHE_BYTES:
-            cache[p] = found
+        if p in self.cache:
+            return self.cache[p]
+        ids, names, vectors = read_labelled(self.parts[p])
+        found = (_member(ids, self.held_out), np.array([self.index[n] for n in names], dtype=np.int64), vectors)
+        if sum(c[2].nbytes for c in self.cache.values()) + vectors.nbytes <= CACHE_BYTES:
+            self.cache[p] = found
         return found
 
-    def batches(order_seed: int, held: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, order_seed: int, held: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of the training (or held-out) rows: parts in a seeded order through a shuffle
         buffer of :data:`SHUFFLE_BATCHES` batches (outputs are written in many small parts)."""
         rng = np.random.default_rng(order_seed)
+        size = self.batch_size
         xs: list[np.ndarray] = []
         ys: list[np.ndarray] = []
 
@@ -157,55 +209,91 @@ def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
             xs.clear()
             ys.clear()
             order = np.arange(len(y)) if held else rng.permutation(len(y))
-            full = len(y) if final else len(y) // settings.batch_size * settings.batch_size
-            for s in range(0, full, settings.batch_size):
-                take = order[s: min(s + settings.batch_size, full)]
+            full = len(y) if final else len(y) // size * size
+            for s in range(0, full, size):
+                take = order[s: min(s + size, full)]
                 yield torch.from_numpy(x[take]), torch.from_numpy(y[take])
             if full < len(y):  # the rest waits for the next parts
                 xs.append(x[order[full:]])
                 ys.append(y[order[full:]])
 
-        for p in range(len(parts)) if held else rng.permutation(len(parts)):
-            flags, classes, vectors = part(p)
+        for p in range(len(self.parts)) if held else rng.permutation(len(self.parts)):
+            flags, classes, vectors = self.part(p)
             keep = flags == held
             xs.append(vectors[keep])
             ys.append(classes[keep])
-            if sum(len(y) for y in ys) >= SHUFFLE_BATCHES * settings.batch_size:
+            if sum(len(y) for y in ys) >= SHUFFLE_BATCHES * size:
                 yield from drain(final=False)
         if ys:
             yield from drain(final=True)
 
-    dim = part(0)[2].shape[1]
-    torch.manual_seed(settings.seed)
-    net = HeadNet(dim, len(labels), settings.hidden)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-    train_rows = 0
-    for epoch in range(settings.epochs):
-        net.train()
-        total, rows = 0.0, 0
-        for x, y in batches(settings.seed * 1_000_003 + epoch, held=False):
-            loss = torch.nn.functional.cross_entropy(net(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total, rows = total + loss.item() * len(y), rows + len(y)
-        schedule.step()
-        train_rows = rows
-        if epoch == 0 or (epoch + 1) % max(1, settings.epochs // 5) == 0 or epoch + 1 == settings.epochs:
-            progress(f"epoch {epoch + 1}/{settings.epochs}: loss {total / max(rows, 1):.4f} on {rows} rows")
-    if train_rows == 0:
-        raise ValueError("no training rows: every labelled row fell in the held-out part")
-    net.eval()
-    with torch.inference_mode():
-        held = [(net(x), y) for x, y in batches(0, held=True)]
-    if not held:
-        raise ValueError(f"no held-out rows among {train_rows}: every label has a single row")
-    logits, targets = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
-    temperature, before, after = fit_temperature(logits, targets)
-    accuracy = float((logits.argmax(dim=1) == targets).float().mean())
-    return FittedHead(net, labels, temperature, accuracy, train_rows, len(targets), (before, after),
-                      time.perf_counter() - start)
+
+def _read_ids(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data: the labelled ids and labels of the parts named in ``batch["uri"]``."""
+    ids, labels = [], []
+    for uri in batch["uri"]:
+        table = Location(str(uri)).read_parquet(["id", "label"])
+        table = table.filter(pc.is_valid(table.column("label")))
+        ids.append(table.column("id").to_numpy())
+        labels.append(np.asarray(table.column("label").to_pylist(), dtype=object))
+    return {"id": np.concatenate(ids), "label": np.concatenate(labels)}
+
+
+def _read_rows(batch: dict[str, np.ndarray], held_out: np.ndarray, index: dict[str, int],
+               held: bool) -> dict[str, np.ndarray]:
+    """Ray Data: the training (or held-out) rows of the parts named in ``batch["uri"]``, as vectors
+    ``x`` and class indices ``y``."""
+    xs, ys = [], []
+    for uri in batch["uri"]:
+        ids, names, vectors = read_labelled(Location(str(uri)))
+        keep = _member(ids, held_out) == held
+        xs.append(vectors[keep])
+        ys.append(np.array([index[n] for n in names[keep]], dtype=np.int64))
+    return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
+
+
+def _uris(parts: list[Location]):
+    """The parts' URIs as a dataset of a few blocks per CPU of the cluster: each block is one Ray
+    task that reads its parts one at a time (a job writes many small parts; a task per part would
+    cost more than the reading)."""
+    import ray
+    import ray.data
+
+    blocks = min(len(parts), max(1, int(ray.cluster_resources().get("CPU", 1))) * 4)
+    return ray.data.from_items([{"uri": p.uri} for p in parts], override_num_blocks=blocks)
+
+
+def _ray_labelled_ids(parts: list[Location]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`labelled_ids`, the parts read by Ray tasks."""
+    ids, labels = [np.zeros(0, np.int64)], [np.zeros(0, object)]
+    for batch in _uris(parts).map_batches(_read_ids, batch_size=1).iter_batches(batch_size=None,
+                                                                                  batch_format="numpy"):
+        ids.append(batch["id"])
+        labels.append(np.asarray(batch["label"], dtype=object))
+    return np.concatenate(ids).astype(np.int64), np.concatenate(labels)
+
+
+class _RayDataRows:
+    """The rows read once by Ray tasks across the cluster and kept in its object store: one
+    materialised dataset of training rows, one of held-out rows."""
+
+    def __init__(self, parts: list[Location], held_out: np.ndarray, index: dict[str, int], batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.rows = {held: _uris(parts).map_batches(_read_rows, batch_size=1,
+                                                    fn_kwargs={"held_out": held_out, "index": index, "held": held})
+                     .materialize() for held in (False, True)}
+
+    def batches(self, order_seed: int, held: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the training rows (blocks in a seeded order through a shuffle buffer of
+        :data:`SHUFFLE_BATCHES` batches), or of the held-out rows."""
+        rows = self.rows[held]
+        shuffle = {} if held else {"local_shuffle_buffer_size": SHUFFLE_BATCHES * self.batch_size,
+                                   "local_shuffle_seed": order_seed}
+        if not held:
+            rows = rows.randomize_block_order(seed=order_seed)
+        for batch in rows.iter_batches(batch_size=self.batch_size, batch_format="numpy", **shuffle):
+            yield torch.from_numpy(np.array(batch["x"], dtype=np.float32)), torch.from_numpy(
+                np.array(batch["y"], dtype=np.int64))
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:

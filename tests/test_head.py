@@ -61,6 +61,43 @@ def test_the_head_learns_the_labels_and_its_temperature_calibrates(output, capsy
     assert again.held_out_nll[1] <= again.held_out_nll[0] + 1e-9  # the temperature never makes it worse
 
 
+@pytest.mark.ray
+def test_ray_data_reads_the_parts_and_fits_what_the_local_stream_fits(output, tmp_path: Path, monkeypatch,
+                                                                       capsys) -> None:
+    """--ray-data: Ray tasks read the parts (a local Ray here) and this process only trains; the
+    split, the rows and the head's quality are the local fit's (Ray Data's block order differs, so
+    the weights are not the same to the bit)."""
+    import ray
+
+    from pipeline import head_training
+
+    data, out, spec = output
+    parts, _ = embedding_parts(Location(out))
+    local = fit_head(parts, HeadSettings(epochs=20))
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the parts were read in this process, not by Ray Data")
+
+    monkeypatch.setattr(head_training, "labelled_ids", not_here)
+    monkeypatch.setattr(head_training, "_LocalRows", not_here)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        fitted = fit_head(parts, HeadSettings(epochs=20), ray_data=True)
+        assert train_main(["--embeddings", str(out), "--output", str(tmp_path / "head.safetensors"),
+                           "--epochs", "20", "--ray-data"]) == 0
+    finally:
+        ray.shutdown()
+    assert fitted.labels == local.labels
+    assert (fitted.train_rows, fitted.held_out_rows) == (local.train_rows, local.held_out_rows)
+    assert fitted.accuracy == pytest.approx(local.accuracy, abs=0.04) and fitted.temperature > 0
+    assert f"held out ({local.held_out_rows} rows)" in capsys.readouterr().out
+    head = load_head(f"head:{tmp_path / 'head.safetensors'}")
+    labelled = np.array([label is not None for label in data["label"]])
+    held = np.isin(data["id"], held_out_ids(data["id"][labelled], data["label"][labelled], 0.1))
+    top, _ = head.classify_vectors(data["embedding"][held], top_n=1)
+    assert (np.array(head.labels.ids)[top[:, 0]] == data["label"][held]).mean() == pytest.approx(head.accuracy, abs=1e-6)
+
+
 def test_the_temperature_undoes_an_overconfident_scale() -> None:
     rng = np.random.default_rng(0)
     calibrated = rng.normal(size=(8000, 5)) * 1.5           # targets drawn from softmax(calibrated)
