@@ -114,16 +114,18 @@ def read_labelled(part: Location) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (table.column("id").to_numpy(), np.asarray(table.column("label").to_pylist(), dtype=object), vectors)
 
 
+def read_labelled_ids(part: Location) -> tuple[np.ndarray, np.ndarray]:
+    """One part's labelled rows: ids (int64) and labels (object); reads those two columns only."""
+    table = part.read_parquet(["id", "label"])
+    table = table.filter(pc.is_valid(table.column("label")))
+    return table.column("id").to_numpy(), np.asarray(table.column("label").to_pylist(), dtype=object)
+
+
 def labelled_ids(parts: list[Location]) -> tuple[np.ndarray, np.ndarray]:
-    """The ids and labels of the parts' labelled rows (reads those two columns only)."""
-    ids, labels = [], []
-    for part in parts:
-        table = part.read_parquet(["id", "label"])
-        table = table.filter(pc.is_valid(table.column("label")))
-        ids.append(table.column("id").to_numpy())
-        labels.append(np.asarray(table.column("label").to_pylist(), dtype=object))
-    return (np.concatenate(ids) if ids else np.zeros(0, np.int64),
-            np.concatenate(labels) if labels else np.zeros(0, object))
+    """The ids and labels of the parts' labelled rows."""
+    read = [read_labelled_ids(part) for part in parts]
+    return (np.concatenate([r[0] for r in read]) if read else np.zeros(0, np.int64),
+            np.concatenate([r[1] for r in read]) if read else np.zeros(0, object))
 
 
 def fit_head(parts: list[Location], settings: HeadSettings = HeadSettings(),
@@ -230,13 +232,8 @@ class _LocalRows:
 
 def _read_ids(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data: the labelled ids and labels of the parts named in ``batch["uri"]``."""
-    ids, labels = [], []
-    for uri in batch["uri"]:
-        table = Location(str(uri)).read_parquet(["id", "label"])
-        table = table.filter(pc.is_valid(table.column("label")))
-        ids.append(table.column("id").to_numpy())
-        labels.append(np.asarray(table.column("label").to_pylist(), dtype=object))
-    return {"id": np.concatenate(ids), "label": np.concatenate(labels)}
+    read = [read_labelled_ids(Location(str(uri))) for uri in batch["uri"]]
+    return {"id": np.concatenate([r[0] for r in read]), "label": np.concatenate([r[1] for r in read])}
 
 
 def _read_rows(batch: dict[str, np.ndarray], held_out: np.ndarray, index: dict[str, int],
