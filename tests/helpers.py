@@ -5,6 +5,7 @@ outputs. Fixtures live in conftest.py."""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,11 @@ def write_embeddings(out: Path, data: dict[str, np.ndarray], parts: int = 3,
     EmbeddingManifest(models=ModelSet(**MODELS), inputs=[], top_n=2, embedding_dtype="float32", max_pixels=max_pixels,
                       counts={"embedded": len(data["id"])}, parts=entries).write(out)
     return out
+
+
+def in_process(target, *args) -> tuple[float, float]:
+    """The benchmarks' ``_in_child`` without the child (each would import the whole pipeline again,
+    seconds per call): (seconds, no peak memory measured)."""
+    start = time.perf_counter()
+    target(*args)
+    return time.perf_counter() - start, 0.0

@@ -1,6 +1,7 @@
 """``python -m jobs.benchmark index`` on a tiny gallery: every measurement runs, the figures it
 writes are consistent with each other, and recall is computed against the float32 truth. (Times
-are printed, never asserted.)"""
+are printed, never asserted.) The first gallery's build runs in this process (a child would import
+the whole pipeline again); the one with deleted rows is built in a child, as the benchmark does."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import in_process
 
+import jobs.benchmark.index as bench_index
 from jobs.benchmark.cli import main
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    code = main(["index", "--rows", "6000", "--dim", "32", "--classes", "40", "--queries", "40",
-                 "--head-thresholds", "300", "600", "--ef-search", "16", "64", "--scratch", str(out),
-                 "--json", str(out / "index.json")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_index, "_in_child", in_process)
+        code = main(["index", "--rows", "6000", "--dim", "32", "--classes", "40", "--queries", "40",
+                     "--head-thresholds", "300", "600", "--ef-search", "16", "64", "--scratch", str(out),
+                     "--json", str(out / "index.json")])
     assert code == 0
     return json.loads((out / "index.json").read_text())
 
@@ -102,6 +107,7 @@ def test_deleted_rows_are_tombstoned_never_returned_and_out_of_the_truth(deleted
     assert r["class_search"][0]["recall_at_10"] >= 0.97
     assert r["global_search"][-1]["recall_at_10"] >= 0.9
     assert (r["hnsw_m"], r["ef_construction"]) == (16, 40)
+    assert r["build_peak_rss_gb"] > 0  # measured in the build's own process
 
 
 def test_targets_are_ratios_of_the_same_run(deleted_results) -> None:

@@ -8,10 +8,10 @@ still a process of its own."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
+from helpers import in_process
 
 import jobs.benchmark.publish as publish
 from jobs.benchmark.cli import main
@@ -22,17 +22,10 @@ from pipeline.index.versions import read_version
 ROWS, APPEND = 3000, 40
 
 
-def _in_process(target, *args) -> tuple[float, float]:
-    """``_in_child`` without the child: (seconds, no peak measured)."""
-    start = time.perf_counter()
-    target(*args)
-    return time.perf_counter() - start, 0.0
-
-
 @pytest.fixture(scope="module", autouse=True)
 def no_child_processes():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(publish, "_in_child", _in_process)
+        patch.setattr(publish, "_in_child", in_process)
         yield
 
 
