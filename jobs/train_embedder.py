@@ -59,8 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--augment", default=defaults.augment,
-                        help="per training image: a comma list of crop (random 50-100 %% crop, resized back) and "
-                             f"flip (left-right; not for digits or text), or none (default: {defaults.augment})")
+                        help="per training image: a comma list of crop (random 50-100 %% crop, resized back), "
+                             "flip (left-right; not for digits or text) and erase (half the images get a random "
+                             f"rectangle of noise), or none (default: {defaults.augment})")
     parser.add_argument("--classify", type=float, default=defaults.classify,
                         help="weight of a cross-entropy term (cosine classifier over the embedding, one learned "
                              f"vector per class) beside the metric loss; 0: off (default: {defaults.classify})")

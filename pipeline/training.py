@@ -35,7 +35,7 @@ from pipeline.sources import read_uri
 
 MINING = ("batch-hard", "semi-hard")
 LOSSES = ("triplet", "multi-similarity", "supcon")
-AUGMENTATIONS = ("crop", "flip")
+AUGMENTATIONS = ("crop", "flip", "erase")
 
 
 def parse_augment(text: str) -> tuple[str, ...]:
@@ -72,7 +72,9 @@ class TrainConfig:
         seed: sampling and head initialisation.
         augment: what each training image goes through, a comma list: ``crop`` (a random crop of 50-100 %
             of the area, aspect 3:4 to 4:3, resized back), ``flip`` (left-right, half of the images; not
-            for sets where a mirror image is another class, such as digits), or ``none``.
+            for sets where a mirror image is another class, such as digits), ``erase`` (half of the images
+            get a rectangle of 2-40 % of the area, aspect 0.3 to 3.3, filled with random pixels; applied
+            last), or ``none``.
         classify: weight of a cross-entropy term beside the metric loss: a cosine classifier over the
             embedding with one learned vector per class (normalised softmax, scale 16); 0 turns it off.
             The class vectors serve training only; the saved embedder is the same model either way.
@@ -269,8 +271,9 @@ def classify_loss(embeddings: torch.Tensor, labels: torch.Tensor, class_vectors:
 
 
 def augment_images(images: np.ndarray, augment: tuple[str, ...], rng: np.random.Generator) -> np.ndarray:
-    """Random crops (50-100 % of the area, aspect 3:4 to 4:3, resized back) and/or left-right flips of
-    uint8 images (N, H, W, 3); the same ``rng`` state gives the same result."""
+    """Random crops (50-100 % of the area, aspect 3:4 to 4:3, resized back), left-right flips and/or
+    erased rectangles (random pixels) of uint8 images (N, H, W, 3); the same ``rng`` state gives the
+    same result."""
     if not augment or not len(images):
         return images
     out = images.copy()
@@ -286,6 +289,13 @@ def augment_images(images: np.ndarray, augment: tuple[str, ...], rng: np.random.
             out[i] = np.asarray(crop.resize((width, height), Image.BILINEAR))
         if "flip" in augment and rng.random() < 0.5:
             out[i] = out[i, :, ::-1]
+        if "erase" in augment and rng.random() < 0.5:
+            area = rng.uniform(0.02, 0.4) * height * width
+            aspect = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3)))
+            h = int(round(min(height, max(1.0, np.sqrt(area * aspect)))))
+            w = int(round(min(width, max(1.0, np.sqrt(area / aspect)))))
+            top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+            out[i, top:top + h, left:left + w] = rng.integers(0, 256, size=(h, w, out.shape[3]), dtype=np.uint8)
     return out
 
 

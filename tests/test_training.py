@@ -161,6 +161,21 @@ def test_augmentation_flips_and_crops_reproducibly() -> None:
     assert (images == ramp).all()  # the input is not changed in place
 
 
+def test_erasing_fills_one_rectangle_of_noise_in_about_half_the_images() -> None:
+    images = np.full((32, 40, 48, 3), 7, np.uint8)  # a value the noise rarely draws over a whole rectangle
+    erased = augment_images(images, ("erase",), np.random.default_rng(2))
+    np.testing.assert_array_equal(erased, augment_images(images, ("erase",), np.random.default_rng(2)))
+    changed = (erased != images).any(axis=3)
+    touched = changed.any(axis=(1, 2))
+    assert 0 < touched.sum() < 32  # by chance: never all or none of 32 with this seed
+    for mask in changed[touched]:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert mask.sum() > 0.9 * box  # one filled rectangle (a noise pixel may equal 7 by chance)
+        assert 0.01 * 40 * 48 <= box <= 0.45 * 40 * 48  # 2-40 % of the area, rounded to whole pixels
+    assert (images == 7).all()
+
+
 def test_classify_loss_by_hand() -> None:
     embeddings = unit([1, 0], [0, 1], [1, 1])
     vectors = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalised inside: (1, 0) and (0, 1)
