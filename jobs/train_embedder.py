@@ -8,9 +8,11 @@ FOLDER holds one sub-folder of images per class (``jobs.evaluate`` writes its ga
 Batches are class-balanced (``--classes-per-batch`` x ``--per-class``); the loss is the
 multi-similarity loss (default: it beat triplet loss on both datasets measured, see docs/QUALITY.md), the
 triplet loss with batch-hard (or semi-hard) mining, or the supervised contrastive loss.
-``OUT/checkpoint.pt`` is written every ``--checkpoint-every`` steps and a re-run resumes from it
-(raise ``--steps`` to train longer). The result, ``OUT/embedder.safetensors``, is an embedder spec:
-``timm:<backbone>@OUT/embedder.safetensors`` (printed at the end, and in ``OUT/summary.json``).
+``--average-from STEP`` saves the mean of the weights after every step past STEP (stochastic weight
+averaging) instead of the last ones. ``OUT/checkpoint.pt`` is written every ``--checkpoint-every``
+steps and a re-run resumes from it (raise ``--steps`` to train longer). The result,
+``OUT/embedder.safetensors``, is an embedder spec: ``timm:<backbone>@OUT/embedder.safetensors``
+(printed at the end, and in ``OUT/summary.json``).
 
 ``--ray`` runs the same loop in Ray Train's TorchTrainer (one worker per GPU with ``--use-gpu``,
 gradients averaged by DistributedDataParallel); OUT must then be on storage every worker sees.
@@ -65,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--classify", type=float, default=defaults.classify,
                         help="weight of a cross-entropy term (cosine classifier over the embedding, one learned "
                              f"vector per class) beside the metric loss; 0: off (default: {defaults.classify})")
+    parser.add_argument("--average-from", type=int, default=defaults.average_from, metavar="STEP",
+                        help="save the mean of the weights after every step past STEP instead of the last weights "
+                             "(stochastic weight averaging); 0: off (default: 0)")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--device", default="auto", help="local runs: auto, cpu, cuda[:N]")
     parser.add_argument("--ray", action="store_true", help="run as a Ray Train job (TorchTrainer)")
@@ -82,7 +87,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(backbone=args.backbone, dim=args.dim, input_size=args.input_size, loss=args.loss,
                        margin=args.margin, mining=args.mining, temperature=args.temperature,
                        classes_per_batch=args.classes_per_batch, per_class=args.per_class, steps=args.steps,
-                       lr=args.lr, seed=args.seed, augment=args.augment, classify=args.classify)
+                       lr=args.lr, seed=args.seed, augment=args.augment, classify=args.classify,
+                       average_from=args.average_from)
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -150,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntrained {summary['steps']} steps ({summary['steps_this_run']} this run, "
           f"{summary['images_this_run']} images{each} in {summary['seconds']} s, {summary['images_per_s']} "
           f"images/s{each}); loss {summary['first_loss']} -> {summary['last_loss']}")
+    if summary["averaged_steps"]:
+        first, last = summary["averaged_steps"]
+        print(f"weights averaged over steps {first}-{last} ({last - first + 1} steps)")
     print(f"embedder spec: {summary['embedder']}")
     return 0
 

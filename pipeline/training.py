@@ -78,6 +78,10 @@ class TrainConfig:
         classify: weight of a cross-entropy term beside the metric loss: a cosine classifier over the
             embedding with one learned vector per class (normalised softmax, scale 16); 0 turns it off.
             The class vectors serve training only; the saved embedder is the same model either way.
+        average_from: 0 (off), or a step: the saved embedder is then the mean of the weights after every
+            step past it (stochastic weight averaging, Izmailov et al., UAI 2018, at the constant learning
+            rate used here; BatchNorm statistics are averaged alike). A schedule setting like ``steps``:
+            a run may be resumed with another value.
     """
 
     backbone: str = "timm:tf_efficientnet_lite0"
@@ -95,6 +99,7 @@ class TrainConfig:
     seed: int = 0
     augment: str = "none"
     classify: float = 0.0
+    average_from: int = 0
 
     def __post_init__(self) -> None:
         if as_spec(self.backbone).library != "timm":
@@ -108,6 +113,9 @@ class TrainConfig:
         if self.dim < 1 or self.steps < 1 or self.margin <= 0 or self.lr <= 0 or self.temperature <= 0:
             raise ValueError("dim and steps must be >= 1, margin, lr and temperature > 0")
         parse_augment(self.augment)
+        if not 0 <= self.average_from < self.steps:
+            raise ValueError(f"average_from must be 0 (off) or a step below steps ({self.steps}), "
+                             f"got {self.average_from}")
         if self.classify < 0:
             raise ValueError(f"classify must be >= 0, got {self.classify}")
         if self.input_size is not None and self.input_size < 32:
@@ -328,13 +336,46 @@ def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(model(x).float(), dim=-1)
 
 
+def embedding_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model that is saved as the embedder: without DistributedDataParallel and class vectors."""
+    model = getattr(model, "module", model)
+    return model.model if isinstance(model, WithClassVectors) else model
+
+
+class WeightAverage:
+    """The running mean of the embedding model's weights, one :meth:`add` per step (stochastic weight
+    averaging). Floating-point tensors, BatchNorm statistics included, are averaged; integer ones (the
+    BatchNorm step counters) keep the latest value.
+
+    Attributes:
+        state: the averaged state dict (None before the first :meth:`add`).
+        count: how many steps are in the mean.
+        first_step: the first step in the mean.
+    """
+
+    def __init__(self, first_step: int, state: dict[str, torch.Tensor] | None = None, count: int = 0) -> None:
+        self.first_step, self.state, self.count = first_step, state, count
+
+    @torch.no_grad()
+    def add(self, model: torch.nn.Module) -> None:
+        current = embedding_model(model).state_dict()
+        self.count += 1
+        if self.state is None:
+            self.state = {k: v.detach().cpu().clone() for k, v in current.items()}
+            return
+        for k, v in current.items():
+            if v.is_floating_point():
+                self.state[k] += (v.detach().cpu() - self.state[k]) / self.count
+            else:
+                self.state[k] = v.detach().cpu().clone()
+
+
 def save_embedder(model: torch.nn.Module, path: Path, config: TrainConfig, preprocess: Preprocess,
-                  extra: dict | None = None) -> str:
-    """Writes the trained model as a safetensors file that ``load_embedder`` reads; returns its spec."""
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    if isinstance(model, WithClassVectors):
-        model = model.model
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                  extra: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> str:
+    """Writes the trained model (or ``state``, e.g. averaged weights, in its place) as a safetensors file
+    that ``load_embedder`` reads; returns its spec."""
+    state = embedding_model(model).state_dict() if state is None else state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     spec = as_spec(config.backbone)
     metadata = {"format": EMBEDDING_FORMAT, "backbone": spec.name, "dim": str(config.dim),
                 "input_size": str(preprocess.size[0]), "config": json.dumps(dataclasses.asdict(config)),
@@ -376,32 +417,37 @@ def load_batch(paths: list[str], indices: np.ndarray, preprocess: Preprocess) ->
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: TrainConfig, history: list[dict]) -> None:
+                    config: TrainConfig, history: list[dict], average: WeightAverage | None = None) -> None:
     """Everything a resumed run needs, written atomically (tensors and plain data only)."""
     state = {"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
              "step": step, "config": json.dumps(dataclasses.asdict(config)), "history": json.dumps(history)}
+    if average is not None and average.state is not None:
+        state |= {"average": average.state, "average_count": average.count, "average_first_step": average.first_step}
     with replace_atomically(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: TrainConfig) -> tuple[int, list[dict]]:
-    """Restores model and optimizer from :func:`save_checkpoint`; returns the step and the history.
+                    config: TrainConfig) -> tuple[int, list[dict], WeightAverage | None]:
+    """Restores model and optimizer from :func:`save_checkpoint`; returns the step, the history and the
+    weight average (None when the checkpoint holds none).
 
     Raises:
-        ValueError: the checkpoint was made with other settings (other than ``steps``).
+        ValueError: the checkpoint was made with other settings (other than ``steps`` and ``average_from``).
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = json.loads(state["config"])
     mine = dataclasses.asdict(config)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields added since it was saved
-    differ = sorted(k for k in mine if k != "steps" and saved.get(k, defaults[k]) != mine[k])
+    differ = sorted(k for k in mine if k not in ("steps", "average_from") and saved.get(k, defaults[k]) != mine[k])
     if differ:
         raise ValueError(f"{path} was trained with other settings ({', '.join(differ)}); "
                          f"use another output folder or the same settings to resume")
     getattr(model, "module", model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), json.loads(state["history"])
+    average = (WeightAverage(int(state["average_first_step"]), state["average"], int(state["average_count"]))
+               if "average" in state else None)
+    return int(state["step"]), json.loads(state["history"]), average
 
 
 def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path, device: str = "cpu", *,
@@ -411,11 +457,14 @@ def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path
 
     Runs alike in one process and in each Ray Train worker: ``wrap_model`` is Ray's ``prepare_model``
     (DistributedDataParallel), ``report`` receives ``(metrics)`` every ``log_every`` steps, ``rank``
-    seeds a different batch stream per worker, and only rank 0 writes files.
+    seeds a different batch stream per worker, and only rank 0 writes files. With ``config.average_from``
+    the embedder written is the weight average; a checkpoint carries the average on, and a run resumed
+    past ``average_from`` from a checkpoint without one starts the average at its first step.
 
     Returns:
         A summary: steps, images seen, seconds, first and last loss (mean of ``log_every`` steps),
-        the embedder spec, and the history of logged steps.
+        the embedder spec, the steps averaged (``averaged_steps``: first and last, or None) and the
+        history of logged steps.
     """
     output = Path(output)
     model, preprocess = create_embedding_model(config)
@@ -427,7 +476,10 @@ def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path
         model = wrap_model(model)
     optimizer = make_optimizer(model, config)
     checkpoint = output / "checkpoint.pt"
-    step, history = (load_checkpoint(checkpoint, model, optimizer, config) if checkpoint.is_file() else (0, []))
+    step, history, average = (load_checkpoint(checkpoint, model, optimizer, config) if checkpoint.is_file()
+                              else (0, [], None))
+    if average is not None and (not config.average_from or average.first_step <= config.average_from):
+        average = None  # averaging off, or to start later than the checkpoint's average did
     start_step, start, seen, failed, window = step, time.perf_counter(), 0, 0, []
     batches = class_balanced_batches(np.asarray(labels), config.classes_per_batch, config.per_class,
                                      seed=config.seed + 7919 * rank, start=step)
@@ -458,6 +510,9 @@ def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path
         scaler.update()
         step += 1
         seen += len(kept)
+        if config.average_from and step > config.average_from and rank == 0:
+            average = average or WeightAverage(first_step=step)
+            average.add(model)
         window.append({"loss": float(loss.detach()), **stats})
         if step % log_every == 0 or step == config.steps:
             logged = {"step": step, **{k: round(float(np.mean([w[k] for w in window])), 5) for k in window[0]},
@@ -467,10 +522,14 @@ def train(config: TrainConfig, paths: list[str], labels: list[str], output: Path
             if report is not None:
                 report(logged)
         if rank == 0 and (step % checkpoint_every == 0 or step == config.steps):
-            save_checkpoint(checkpoint, model, optimizer, step, config, history)
-    spec = save_embedder(model, output / "embedder.safetensors", config, preprocess) if rank == 0 else None
+            save_checkpoint(checkpoint, model, optimizer, step, config, history, average)
+    averaged = [average.first_step, step] if average is not None else None
+    spec = save_embedder(model, output / "embedder.safetensors", config, preprocess,
+                         extra={"averaged_steps": f"{averaged[0]}-{averaged[1]}"} if averaged else None,
+                         state=average.state if averaged else None) if rank == 0 else None
     seconds = time.perf_counter() - start
     return {"steps": step, "steps_this_run": step - start_step, "images_this_run": seen, "failed_images": failed,
             "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 2) if seconds else None,
             "first_loss": history[0]["loss"] if history else None,
-            "last_loss": history[-1]["loss"] if history else None, "embedder": spec, "history": history}
+            "last_loss": history[-1]["loss"] if history else None, "embedder": spec, "averaged_steps": averaged,
+            "history": history}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from helpers import TINY_CLASSIFIER, make_class_folders
 
 from jobs.train_embedder import main
@@ -238,6 +239,37 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, config: dict) -
     a = load_embedder(f"{TINY_CLASSIFIER.split('@')[0]}@{tmp_path / 'whole' / 'embedder.safetensors'}")
     b = load_embedder(f"{TINY_CLASSIFIER.split('@')[0]}@{tmp_path / 'split' / 'embedder.safetensors'}")
     np.testing.assert_allclose(a.embed_images(images), b.embed_images(images), atol=1e-4)
+
+
+def test_weight_averaging_saves_the_mean_of_the_weights_after_each_step_past_average_from(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "data", classes=2, per_class=4)
+    paths, labels = list_labelled_images(tmp_path / "data")
+    # The weights after steps 3, 4 and 5 of a plain run (each resumed run writes its last weights) ...
+    states = []
+    for steps in (3, 4, 5):
+        train(tiny_config(steps=steps), paths, labels, tmp_path / "plain", checkpoint_every=1)
+        states.append(load_file(tmp_path / "plain" / "embedder.safetensors"))
+    # ... averaged, in one run and in a run resumed in the middle of the average.
+    whole = train(tiny_config(steps=5, average_from=2), paths, labels, tmp_path / "whole")
+    assert whole["averaged_steps"] == [3, 5]
+    train(tiny_config(steps=4, average_from=2), paths, labels, tmp_path / "split", checkpoint_every=1)
+    split = train(tiny_config(steps=5, average_from=2), paths, labels, tmp_path / "split", checkpoint_every=1)
+    assert split["averaged_steps"] == [3, 5]
+    for folder in ("whole", "split"):
+        averaged = load_file(tmp_path / folder / "embedder.safetensors")
+        assert averaged.keys() == states[0].keys()
+        for key, value in averaged.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, sum(s[key] for s in states) / 3, atol=1e-5, rtol=1e-4)
+            else:  # BatchNorm's step counters: the last run's
+                assert torch.equal(value, states[-1][key]), key
+    assert not torch.allclose(states[0]["conv_stem.weight"], states[-1]["conv_stem.weight"])  # the steps moved
+    # The averaged embedder loads like any other; a resumed run may move the start, a bad one is refused.
+    load_embedder(whole["embedder"]).embed_images(np.zeros((1, 32, 32, 3), np.uint8))
+    later = train(tiny_config(steps=6, average_from=4), paths, labels, tmp_path / "whole")
+    assert later["averaged_steps"] == [6, 6]  # the checkpoint's average began too early: restarted
+    with pytest.raises(ValueError, match="average_from"):
+        tiny_config(steps=5, average_from=5)
 
 
 def test_a_checkpoint_from_before_augmentation_resumes(tmp_path: Path) -> None:
