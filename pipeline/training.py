@@ -358,16 +358,18 @@ class WeightAverage:
 
     @torch.no_grad()
     def add(self, model: torch.nn.Module) -> None:
+        """Adds the model's current weights; the mean stays on the model's device (no copy per step)."""
         current = embedding_model(model).state_dict()
         self.count += 1
         if self.state is None:
-            self.state = {k: v.detach().cpu().clone() for k, v in current.items()}
+            self.state = {k: v.detach().clone() for k, v in current.items()}
             return
         for k, v in current.items():
             if v.is_floating_point():
-                self.state[k] += (v.detach().cpu() - self.state[k]) / self.count
+                mean = self.state[k] = self.state[k].to(v.device)  # a no-op but after a resume (on the CPU)
+                mean.lerp_(v.detach(), 1 / self.count)
             else:
-                self.state[k] = v.detach().cpu().clone()
+                self.state[k] = v.detach().clone()
 
 
 def save_embedder(model: torch.nn.Module, path: Path, config: TrainConfig, preprocess: Preprocess,
